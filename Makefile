@@ -1,0 +1,34 @@
+# Two commands for a fresh machine: `make demo` (set up, run the quickstart on a local Ray cluster) and
+# `make test` (set up, run the tests). Both create .venv and install idempotently.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CUDA build of torch 2.14.1 runs on CPU and is the pair torchvision/timm/smp import beside
+# (the 2.13.0+cpu wheel breaks PyPI's torchvision: REFERENCE.md, Distributed runtime).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint typecheck clean-venv
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]' $(TORCH_PINS)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/encdec-launch recipes/quickstart.yaml
+
+lint: setup
+	$(VENV)/bin/ruff check encdec tests benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,93 @@
+"""timm models as a lazy source of BACKBONE_REGISTRY (``timm_resnet18``, ``timm_convnext_tiny``...).
+
+Each model is built with ``features_only=True`` so it returns a feature pyramid and reports ``out_channels``;
+ViTs use timm's intermediate-layer path and give ``[B, D, H/16, W/16]`` maps. Multi-band input via ``in_chans``
+(or ``bands``, whose length sets ``in_chans``). No weights are downloaded: ``pretrained=True`` needs either
+timm's local cache or ``ckpt_path`` (a local file), otherwise it fails with timm's own error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from encdec.registry import BACKBONE_REGISTRY
+
+
+class TimmEncoder(nn.Module):
+    """A timm model as an encoder: ``forward(x) -> list[Tensor]``, ``out_channels: list[int]``.
+
+    Args:
+        model_name: timm model name (``timm.list_models()``).
+        pretrained: load pretrained weights (from ``ckpt_path`` when given, else timm's cache/hub).
+        ckpt_path: local weights file for ``pretrained`` (timm's ``pretrained_cfg_overlay=dict(file=...)``).
+        in_chans: input channels; defaults to ``len(bands)`` when bands are given, else 3.
+        bands: band names/indices of the input (recorded; sets ``in_chans``).
+        out_indices: which stages to return (timm's default: all).
+        **kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``, ``img_size`` for ViTs).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = False,
+        ckpt_path: str | None = None,
+        in_chans: int | None = None,
+        bands: Sequence[str | int] | None = None,
+        out_indices: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        import timm
+
+        if bands is not None and in_chans is not None and len(bands) != in_chans:
+            raise ValueError(
+                f"timm backbone {model_name!r}: bands has {len(bands)} entries but in_chans={in_chans}; give one of them"
+            )
+        self.bands = list(bands) if bands is not None else None
+        chans = in_chans if in_chans is not None else (len(bands) if bands is not None else 3)
+        if kwargs.pop("features_only", True) is not True:
+            raise ValueError(f"timm backbone {model_name!r}: features_only must stay True for an encoder")
+        if ckpt_path is not None:
+            pretrained = True
+            kwargs["pretrained_cfg_overlay"] = {**kwargs.get("pretrained_cfg_overlay", {}), "file": ckpt_path}
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
+        self.model_name = model_name
+        self.model = timm.create_model(model_name, pretrained=pretrained, features_only=True, in_chans=chans, **kwargs)
+        info = self.model.feature_info
+        self.out_channels: list[int] = [int(c) for c in info.channels()]
+        self.reductions: list[int] = [int(r) for r in info.reduction()]
+        # Inputs are padded to a multiple of the coarsest stride so every pyramid level has an integer size.
+        self.patch_size = max(self.reductions)
+
+    def forward(self, x: Tensor, **_: Any) -> list[Tensor]:
+        return list(self.model(x))
+
+
+class TimmSource:
+    """Lazy timm source: importing encdec does not import timm's model zoo."""
+
+    def names(self) -> list[str]:
+        import timm
+
+        return list(timm.list_models())
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        import timm
+
+        return bool(timm.is_model(name))
+
+    def metadata(self, name: str) -> Mapping[str, Any]:
+        return {"source": "timm", "model_name": name}
+
+    def build(self, name: str, *args: Any, **kwargs: Any) -> TimmEncoder:
+        return TimmEncoder(name, *args, **kwargs)
+
+
+TIMM_SOURCE = TimmSource()
+BACKBONE_REGISTRY.register_source("timm", TIMM_SOURCE)

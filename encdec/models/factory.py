@@ -1,0 +1,236 @@
+"""EncoderDecoderFactory: compose encoder + necks + decoder + head (+ auxiliary heads) for a task.
+
+The contract is TerraTorch's (see ``shared/seed/encoder_decoder_factory.md``): a TerraTorch ``model_args``
+block builds unchanged with ``build_model(task, **model_args)``. Differences that are deliberate:
+
+* prefixed kwargs (``backbone_x``) and explicit dicts (``backbone_kwargs={"x": ...}``) are merged; a key given
+  both ways is an error (TerraTorch silently ignores the prefixed ones when a dict is given);
+* ``includes_head`` is honoured on the decoder class, its registry entry, or a module instance;
+* an auxiliary head's own ``head_*`` arguments reach its head (TerraTorch drops them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from encdec.models.heads import ClassificationHead, RegressionHead, ScalarHead, SegmentationHead
+from encdec.models.model import (
+    AuxiliaryHead,
+    AuxiliaryHeadModule,
+    NeckSequence,
+    PixelWiseModel,
+    ScalarOutputModel,
+)
+from encdec.registry import BACKBONE_REGISTRY, DECODER_REGISTRY, NECK_REGISTRY
+
+__all__ = ["TASKS", "EncoderDecoderFactory", "FactoryError", "build_model"]
+
+TASKS: dict[str, type[nn.Module]] = {
+    "segmentation": PixelWiseModel,
+    "regression": PixelWiseModel,
+    "classification": ScalarOutputModel,
+    "scalar_regression": ScalarOutputModel,
+}
+
+
+class FactoryError(ValueError):
+    """The model arguments do not describe a buildable model."""
+
+
+def _route(
+    kwargs: dict[str, Any], explicit: Mapping[str, Any] | None, prefix: str
+) -> dict[str, Any]:
+    """Pop ``<prefix>_*`` keys out of ``kwargs`` and merge them with the explicit dict."""
+    merged = dict(explicit or {})
+    for key in [k for k in kwargs if k.startswith(prefix + "_")]:
+        inner = key[len(prefix) + 1 :]
+        if inner in merged:
+            raise FactoryError(
+                f"'{inner}' is given twice for the {prefix}: as {key}={kwargs[key]!r} and in "
+                f"{prefix}_kwargs={{'{inner}': {merged[inner]!r}}}; keep one of them"
+            )
+        merged[inner] = kwargs.pop(key)
+    return merged
+
+
+def _includes_head(decoder: str | nn.Module) -> bool:
+    if isinstance(decoder, nn.Module):
+        return bool(getattr(decoder, "includes_head", False))
+    if bool(DECODER_REGISTRY.metadata(decoder).get("includes_head", False)):
+        return True
+    prefix, inner = DECODER_REGISTRY.find(decoder)
+    source = DECODER_REGISTRY[prefix]
+    builder = source[inner] if hasattr(source, "__getitem__") else None
+    return bool(getattr(builder, "includes_head", False))
+
+
+def _build_backbone(backbone: str | nn.Module, kwargs: dict[str, Any]) -> nn.Module:
+    if isinstance(backbone, nn.Module):
+        if kwargs:
+            raise FactoryError(
+                f"backbone arguments {sorted(kwargs)} were given but the backbone is an already-built module; "
+                "pass a registry name instead, or build the module with those arguments yourself"
+            )
+        encoder = backbone
+    elif isinstance(backbone, str):
+        encoder = BACKBONE_REGISTRY.build(backbone, **kwargs)
+    else:
+        raise FactoryError(f"backbone must be a registry name or an nn.Module, got {type(backbone).__name__}")
+    channels = getattr(encoder, "out_channels", None)
+    if not isinstance(channels, (list, tuple)) or not all(isinstance(c, int) for c in channels):
+        raise FactoryError(
+            f"backbone {type(encoder).__name__} has no `out_channels: list[int]` (got {channels!r}); an encoder "
+            "must expose the channel count of each feature its forward returns"
+        )
+    return encoder
+
+
+def _build_necks(necks: list[Mapping[str, Any]] | None, channels: list[int]) -> tuple[NeckSequence, list[int]]:
+    seq = NeckSequence()
+    for i, spec in enumerate(necks or []):
+        if not isinstance(spec, Mapping) or "name" not in spec:
+            raise FactoryError(
+                f"necks[{i}] must be a mapping with a 'name' key (e.g. {{name: SelectIndices, indices: [-1]}}), "
+                f"got {spec!r}"
+            )
+        args = {k: v for k, v in spec.items() if k != "name"}
+        neck = NECK_REGISTRY.build(spec["name"], list(channels), **args)
+        channels = list(neck.process_channel_list(list(channels)))
+        seq.append(neck)
+    return seq, channels
+
+
+def _build_decoder(
+    decoder: str | nn.Module, channels: list[int], kwargs: dict[str, Any], num_classes: int | None, what: str
+) -> tuple[nn.Module, bool]:
+    includes_head = _includes_head(decoder)
+    if isinstance(decoder, nn.Module):
+        if kwargs:
+            raise FactoryError(f"{what} arguments {sorted(kwargs)} were given but the {what} is an already-built module")
+        module = decoder
+    else:
+        if includes_head:
+            if num_classes is None:
+                raise FactoryError(
+                    f"{what} {decoder!r} includes its head and needs num_classes; set num_classes in the model args"
+                )
+            kwargs = {"num_classes": num_classes, **kwargs}
+        module = DECODER_REGISTRY.build(decoder, list(channels), **kwargs)
+    if not includes_head and not isinstance(getattr(module, "out_channels", None), int):
+        raise FactoryError(
+            f"{what} {type(module).__name__} has no `out_channels: int`; a decoder must expose the channel count "
+            "of its output so a head can be put after it"
+        )
+    return module, includes_head
+
+
+def _build_head(task: str, in_channels: int, num_classes: int | None, kwargs: dict[str, Any]) -> nn.Module:
+    if task in ("segmentation", "classification"):
+        if num_classes is None:
+            raise FactoryError(f"task {task!r} needs num_classes (the number of output classes); set num_classes")
+        cls = SegmentationHead if task == "segmentation" else ClassificationHead
+        return cls(in_channels, num_classes, **kwargs)
+    if num_classes is not None:  # regression: a TerraTorch-style num_classes means the number of outputs
+        kwargs = {"num_outputs": num_classes, **kwargs}
+    cls_r = RegressionHead if task == "regression" else ScalarHead
+    return cls_r(in_channels, **kwargs)
+
+
+def _as_aux(spec: AuxiliaryHead | Mapping[str, Any]) -> AuxiliaryHead:
+    if isinstance(spec, AuxiliaryHead):
+        return spec
+    if isinstance(spec, Mapping) and {"name", "decoder"} <= set(spec) and set(spec) <= {"name", "decoder", "decoder_args"}:
+        return AuxiliaryHead(spec["name"], spec["decoder"], spec.get("decoder_args"))
+    raise FactoryError(
+        f"aux_decoders entries must be AuxiliaryHead(name, decoder, decoder_args) or a mapping with keys "
+        f"name, decoder and optional decoder_args; got {spec!r}"
+    )
+
+
+class EncoderDecoderFactory:
+    """Builds ``PixelWiseModel`` / ``ScalarOutputModel`` from registry names or modules."""
+
+    def build_model(
+        self,
+        task: str,
+        backbone: str | nn.Module,
+        decoder: str | nn.Module = "FCNDecoder",
+        backbone_kwargs: dict[str, Any] | None = None,
+        decoder_kwargs: dict[str, Any] | None = None,
+        head_kwargs: dict[str, Any] | None = None,
+        num_classes: int | None = None,
+        necks: list[dict[str, Any]] | None = None,
+        aux_decoders: list[AuxiliaryHead] | None = None,
+        rescale: bool = True,
+        peft_config: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> nn.Module:
+        """Compose a model for ``task``.
+
+        Args:
+            task: ``segmentation`` / ``regression`` (pixel-wise) or ``classification`` / ``scalar_regression``.
+            backbone: registry name (``prithvi_eo_v2_300``, ``timm_resnet18``...) or an encoder module with
+                ``out_channels: list[int]`` whose forward returns a list of tensors.
+            decoder: registry name (``UperNetDecoder``, ``smp_Unet``...) or a module with ``out_channels: int``.
+            backbone_kwargs, decoder_kwargs, head_kwargs: constructor arguments; ``backbone_*``, ``decoder_*`` and
+                ``head_*`` keyword arguments are routed here with the prefix stripped.
+            num_classes: classes for segmentation/classification (outputs for regression).
+            necks: ``[{"name": ..., **kwargs}]`` applied in order between encoder and decoder.
+            aux_decoders: extra decoders + heads on the same necked features.
+            rescale: interpolate pixel-wise outputs to the input size.
+            peft_config: ``{"method", "replace_qkv", "peft_config_kwargs"}``: split fused qkv and apply PEFT to
+                the backbone (``encdec.models.peft``).
+
+        Raises:
+            FactoryError (a ValueError): unknown task, unused or doubled arguments, missing num_classes.
+        """
+        if task not in TASKS:
+            raise FactoryError(f"task {task!r} is not supported; use one of {', '.join(TASKS)}")
+        backbone_kwargs = _route(kwargs, backbone_kwargs, "backbone")
+        decoder_kwargs = _route(kwargs, decoder_kwargs, "decoder")
+        head_kwargs = _route(kwargs, head_kwargs, "head")
+        if kwargs:
+            raise FactoryError(
+                f"unused arguments {sorted(kwargs)}: build_model takes backbone_*, decoder_* and head_* prefixed "
+                "arguments besides its named ones; check the spelling or add the right prefix"
+            )
+
+        encoder = _build_backbone(backbone, backbone_kwargs)
+        if peft_config is not None:
+            from encdec.models.peft import get_peft_backbone  # peft is imported only when asked for
+
+            encoder = get_peft_backbone(peft_config, encoder)
+        neck, channels = _build_necks(necks, list(encoder.out_channels))
+        dec, includes_head = _build_decoder(decoder, channels, decoder_kwargs, num_classes, "decoder")
+        head = None if includes_head else _build_head(task, dec.out_channels, num_classes, head_kwargs)
+        if includes_head and head_kwargs:
+            raise FactoryError(
+                f"head arguments {sorted(head_kwargs)} were given but decoder {decoder!r} includes its own head"
+            )
+
+        aux_modules: dict[str, AuxiliaryHeadModule] = {}
+        for raw in aux_decoders or []:
+            aux = _as_aux(raw)
+            args = dict(aux.decoder_args or {})
+            aux_head_kwargs = _route(args, None, "head")
+            aux_dec_kwargs = _route(args, None, "decoder")
+            for key in list(args):  # unprefixed keys are decoder arguments too
+                if key in aux_dec_kwargs:
+                    raise FactoryError(f"aux decoder {aux.name!r}: '{key}' is given twice (with and without decoder_)")
+                aux_dec_kwargs[key] = args.pop(key)
+            if aux.name in aux_modules:
+                raise FactoryError(f"aux decoder name {aux.name!r} is used twice; names must be unique")
+            aux_dec, aux_inc = _build_decoder(aux.decoder, channels, aux_dec_kwargs, num_classes, f"aux decoder {aux.name!r}")
+            aux_head = None if aux_inc else _build_head(task, aux_dec.out_channels, num_classes, aux_head_kwargs)
+            aux_modules[aux.name] = AuxiliaryHeadModule(aux_dec, aux_head)
+
+        model_cls = TASKS[task]
+        return model_cls(task, encoder, dec, head, neck=neck, aux_heads=aux_modules, rescale=rescale)
+
+
+def build_model(task: str, backbone: str | nn.Module, decoder: str | nn.Module = "FCNDecoder", **kwargs: Any) -> nn.Module:
+    """Shortcut for ``EncoderDecoderFactory().build_model(...)``."""
+    return EncoderDecoderFactory().build_model(task, backbone, decoder, **kwargs)
