@@ -88,7 +88,7 @@ def _build_backbone(backbone: str | nn.Module, kwargs: dict[str, Any]) -> nn.Mod
     return encoder
 
 
-def _build_necks(necks: list[Mapping[str, Any]] | None, channels: list[int]) -> tuple[NeckSequence, list[int]]:
+def _build_necks(necks: list[dict[str, Any]] | None, channels: list[int]) -> tuple[NeckSequence, list[int]]:
     seq = NeckSequence()
     for i, spec in enumerate(necks or []):
         if not isinstance(spec, Mapping) or "name" not in spec:
@@ -203,9 +203,9 @@ class EncoderDecoderFactory:
             from encdec.models.peft import get_peft_backbone  # peft is imported only when asked for
 
             encoder = get_peft_backbone(peft_config, encoder)
-        neck, channels = _build_necks(necks, list(encoder.out_channels))
+        neck, channels = _build_necks(necks, [int(c) for c in encoder.out_channels])  # type: ignore[union-attr]
         dec, includes_head = _build_decoder(decoder, channels, decoder_kwargs, num_classes, "decoder")
-        head = None if includes_head else _build_head(task, dec.out_channels, num_classes, head_kwargs)
+        head = None if includes_head else _build_head(task, int(dec.out_channels), num_classes, head_kwargs)  # type: ignore[arg-type]
         if includes_head and head_kwargs:
             raise FactoryError(
                 f"head arguments {sorted(head_kwargs)} were given but decoder {decoder!r} includes its own head"
@@ -224,7 +224,7 @@ class EncoderDecoderFactory:
             if aux.name in aux_modules:
                 raise FactoryError(f"aux decoder name {aux.name!r} is used twice; names must be unique")
             aux_dec, aux_inc = _build_decoder(aux.decoder, channels, aux_dec_kwargs, num_classes, f"aux decoder {aux.name!r}")
-            aux_head = None if aux_inc else _build_head(task, aux_dec.out_channels, num_classes, aux_head_kwargs)
+            aux_head = None if aux_inc else _build_head(task, int(aux_dec.out_channels), num_classes, aux_head_kwargs)  # type: ignore[arg-type]
             aux_modules[aux.name] = AuxiliaryHeadModule(aux_dec, aux_head)
 
         model_cls = TASKS[task]

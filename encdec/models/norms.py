@@ -18,6 +18,11 @@ __all__ = ["NORMS", "FrozenBatchNorm2d", "LayerNorm2d", "make_norm2d"]
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters held as buffers (no batch dependence)."""
 
+    weight: Tensor
+    bias: Tensor
+    running_mean: Tensor
+    running_var: Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps

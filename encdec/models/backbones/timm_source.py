@@ -57,7 +57,7 @@ class TimmEncoder(nn.Module):
             kwargs["out_indices"] = tuple(out_indices)
         self.model_name = model_name
         self.model = timm.create_model(model_name, pretrained=pretrained, features_only=True, in_chans=chans, **kwargs)
-        info = self.model.feature_info
+        info: Any = self.model.feature_info
         self.out_channels: list[int] = [int(c) for c in info.channels()]
         self.reductions: list[int] = [int(r) for r in info.reduction()]
         # Inputs are padded to a multiple of the coarsest stride so every pyramid level has an integer size.

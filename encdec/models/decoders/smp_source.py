@@ -110,7 +110,7 @@ class SmpSource:
                 f"got channel list {channels}. Add necks that produce a pyramid (e.g. LearnedInterpolateToPyramidal)"
             )
         model_cls = self._models()[name]
-        accepted = set(inspect.signature(model_cls.__init__).parameters)
+        accepted = set(inspect.signature(model_cls).parameters)
         unknown = sorted(k for k in kwargs if k not in accepted)
         if unknown:
             allowed = sorted(a for a in accepted if a.startswith("decoder_") or a in ("upsampling",))
@@ -119,7 +119,7 @@ class SmpSource:
                 "(pass them as decoder_<name>, e.g. decoder_decoder_channels)"
             )
         depth = len(channels) - 1
-        default_dec = inspect.signature(model_cls.__init__).parameters.get("decoder_channels")
+        default_dec = inspect.signature(model_cls).parameters.get("decoder_channels")
         if (
             "decoder_channels" not in kwargs
             and default_dec is not None
