@@ -1,0 +1,143 @@
+"""cluster/: the Ray cluster-launcher config (Ray's own validation) and the KubeRay RayJob (KubeRay's CRD fields).
+
+The RayJob is validated with jsonschema against tests/unit/golden/kuberay_rayjob_v1.schema.json, derived from
+KubeRay v1.7.0's CRD by tests/unit/golden/make_kuberay_schema.py and made strict (unknown fields fail).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from encdec.launcher.errors import LaunchError
+from encdec.launcher.k8s import render_rayjob
+
+ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_YAML = ROOT / "cluster" / "ray-cluster.yaml"
+RAYJOB_YAML = ROOT / "cluster" / "rayjob.yaml"
+SCHEMA = json.loads((Path(__file__).parent / "golden" / "kuberay_rayjob_v1.schema.json").read_text())
+
+
+def _ray_validate(config: dict[str, Any]) -> dict[str, Any]:
+    """What `ray up` does before touching a machine: fill defaults for the provider, then validate."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(config))
+    validate_config(prepared)
+    return prepared
+
+
+def test_ray_cluster_yaml_passes_rays_validation() -> None:
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    prepared = _ray_validate(config)
+    assert prepared["provider"]["type"] == "local"
+    node_type = prepared["available_node_types"][prepared["head_node_type"]]
+    assert node_type["min_workers"] == node_type["max_workers"] == len(config["provider"]["worker_ips"])
+
+
+def test_ray_cluster_yaml_runs_this_package() -> None:
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    assert config["file_mounts"]["~/encdec-launch"] == "."           # this checkout, to every node
+    assert any("pip install" in c and "~/encdec-launch" in c for c in config["setup_commands"])
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in head and "--dashboard-host=127.0.0.1" in head
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start and "~/encdec-venv/bin/ray start" in start
+    assert "~/.ray/auth_token" in config["file_mounts"]                # a token file, never a value in here
+    assert "RAY_AUTH_TOKEN=" not in CLUSTER_YAML.read_text()
+
+
+def test_ray_validation_is_real() -> None:
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    config["setup_command"] = config.pop("setup_commands")            # a misspelt key
+    with pytest.raises(jsonschema.ValidationError, match="'setup_command' was unexpected"):
+        _ray_validate(config)
+
+
+def _recipe(**cluster: Any) -> dict[str, Any]:
+    return {
+        "task": "segmentation",
+        "run": {"name": "Prithvi_LoRA floods", "seed": 0},
+        "model": {"backbone": "prithvi_eo_v2_300", "decoder": "UperNetDecoder", "num_classes": 2},
+        "train": {"max_steps": 5000, "strategy": "fsdp"},
+        "cluster": {"nodes": 8, "workers_per_node": 8, "cpus_per_worker": 8, "gpus_per_worker": 1,
+                    "storage": "/shared/runs", **cluster},
+    }
+
+
+def _docs(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = list(yaml.safe_load_all(text))
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap"]
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    return cm, job
+
+
+def test_template_matches_kuberay_fields() -> None:
+    _, job = _docs(RAYJOB_YAML.read_text())
+    jsonschema.validate(job, SCHEMA)
+
+
+@pytest.mark.parametrize("gpus", [1, 0])
+def test_rendered_rayjob(gpus: int) -> None:
+    recipe = _recipe(gpus_per_worker=gpus, nodes=3, workers_per_node=4, cpus_per_worker=2.5)
+    text = render_rayjob(recipe, recipe_path="/shared/runs/floods-20260101/recipe.yaml",
+                         image="registry.example/encdec:1", claim_name="team-runs")
+    cm, job = _docs(text)
+    jsonschema.validate(job, SCHEMA)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["metadata"]["name"] == "encdec-prithvi-lora-floods"
+
+    # the entrypoint: encdec-launch on the recipe the ConfigMap mounts, the run dir, the cluster it runs in
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv == ["encdec-launch", "/etc/encdec/recipe.yaml", "--run-dir", "/shared/runs/floods-20260101",
+                    "--address", "auto", "--no-progress"]
+    assert yaml.safe_load(cm["data"]["recipe.yaml"]) == recipe
+
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["authOptions"] == {"mode": "token"}
+    (group,) = spec["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    worker = group["template"]["spec"]
+    limits = worker["containers"][0]["resources"]["limits"]
+    assert limits["cpu"] == "10"
+    assert limits.get("nvidia.com/gpu") == ("4" if gpus else None)
+    head = spec["headGroupSpec"]["template"]["spec"]
+    for pod in (head, worker):
+        assert pod["containers"][0]["image"] == "registry.example/encdec:1"
+        assert {"name": "runs", "mountPath": "/shared/runs"} in pod["containers"][0]["volumeMounts"]
+        assert {"name": "runs", "persistentVolumeClaim": {"claimName": "team-runs"}} in pod["volumes"]
+    assert {"name": "recipe", "configMap": {"name": cm["metadata"]["name"]}} in head["volumes"]
+    assert "token" not in cm["data"]["recipe.yaml"].lower()
+
+
+def test_kuberay_schema_is_strict() -> None:
+    _, job = _docs(render_rayjob(_recipe(), recipe_path="/shared/runs/x/recipe.yaml"))
+    job["spec"]["rayClusterSpec"]["workerGroupSpec"] = job["spec"]["rayClusterSpec"].pop("workerGroupSpecs")
+    with pytest.raises(jsonschema.ValidationError, match="workerGroupSpec"):
+        jsonschema.validate(job, SCHEMA)
+    _, job = _docs(render_rayjob(_recipe(), recipe_path="/shared/runs/x/recipe.yaml"))
+    job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] = "eight"
+    with pytest.raises(jsonschema.ValidationError, match="'eight' is not of type 'integer'"):
+        jsonschema.validate(job, SCHEMA)
+
+
+def test_relative_storage_is_refused() -> None:
+    with pytest.raises(LaunchError, match=r"cluster.storage='runs'.*absolute path"):
+        render_rayjob(_recipe(storage="runs"))
+
+
+def test_accepts_a_pydantic_style_model() -> None:
+    class Model:
+        def model_dump(self) -> dict[str, Any]:
+            return _recipe()
+
+    assert render_rayjob(Model(), recipe_path="/shared/runs/x/recipe.yaml") == render_rayjob(
+        _recipe(), recipe_path="/shared/runs/x/recipe.yaml")
