@@ -1,0 +1,101 @@
+"""``build_iterator``: the recipe's ``data:`` section -> this rank's iterator (either feed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from encdec.data.badtiles import BadTileError, BadTileTracker
+from encdec.data.batch import BatchLayout, SampleLoader
+from encdec.data.config import DataConfigError, DataSpec, parse_data_config
+from encdec.data.feed import TileIterator
+from encdec.data.normalize import Normalizer
+from encdec.data.plan import FeedPlan
+from encdec.data.readers import GDAL_OPTIONS, TileReader
+from encdec.data.sources import Sample, describe, list_samples
+
+LOG = logging.getLogger("encdec.data")
+FEEDS = ("reader", "ray")
+
+
+def _probe(samples: list[Sample], reader: TileReader, where: str) -> str:
+    """Find the target kind from the first readable sample; a config mistake fails here, before training."""
+    for sample in samples[:8]:
+        try:
+            return reader.probe_target(sample)
+        except BadTileError:
+            continue
+    raise DataConfigError(
+        f"none of the first {min(8, len(samples))} samples of {where} can be opened (first: {samples[0].images[0]}). "
+        f"Fix: check the paths and file permissions."
+    )
+
+
+def make_loader(spec: DataSpec, samples: list[Sample], *, split: str, plan: FeedPlan) -> SampleLoader:
+    """The per-sample reader of one split on one rank (shared by both feeds)."""
+    for key, value in GDAL_OPTIONS.items():
+        os.environ.setdefault(key, value)  # GDAL falls back to the environment for config options
+    where = f"data.{split}"
+    reader = TileReader(bands=spec.bands, normalizer=Normalizer(spec.means, spec.stds), img_size=spec.img_size,
+                        num_frames=spec.num_frames, target="none", location_coords=spec.location_coords)
+    reader.target = _probe(samples, reader, where)
+    labels = [s.label for s in samples if s.label is not None]
+    layout = BatchLayout(
+        size=plan.micro_batch,
+        channels=len(spec.bands),
+        img_size=spec.img_size,
+        num_frames=spec.num_frames,
+        target=reader.target,
+        label_dtype="int64" if all(float(v).is_integer() for v in labels) else "float32",
+        temporal=all(s.times is not None for s in samples),
+        location=spec.location_coords or all(s.location is not None for s in samples),
+    )
+    reads = plan.num_samples // plan.world_size if plan.train else -(-plan.num_samples // plan.world_size)
+    tracker = BadTileTracker(reads, spec.max_bad_fraction, split)
+    augment = spec.augment if plan.train and spec.augment.any else None
+    return SampleLoader(samples, reader, layout, augment, plan.seed, tracker)
+
+
+def build_iterator(data_cfg: Mapping[str, Any], *, split: str = "train", rank: int = 0, world_size: int = 1,
+                   grad_accum: int = 1, seed: int = 0, feed: str = "reader") -> Any:
+    """Build this rank's micro-batch iterator over one split.
+
+    Args:
+        data_cfg: The recipe's ``data:`` section as a plain dict.
+        split: ``train`` (endless, shuffled, augmented) or ``val``/``test`` (one ordered pass, no augmentation).
+        rank: This worker's rank.
+        world_size: Number of training workers.
+        grad_accum: Micro-steps per optimizer step; micro-batch = global_batch_size // (world_size * grad_accum).
+        seed: Run seed (permutations and augmentations derive from it).
+        feed: ``reader`` (prefetching threads in this process, exact) or ``ray`` (Ray Data decode tasks, exact;
+            see ``encdec.data.ray_feed``). A ``feed`` key in ``data_cfg`` is used when this is left at ``reader``.
+
+    Returns:
+        A ``TileIterator`` (or ``RayTileIterator``) with ``state_dict``/``load_state_dict``/``close``.
+
+    Raises:
+        DataConfigError: A setting that cannot work, naming the field and the fix.
+    """
+    if feed == "reader" and isinstance(data_cfg, Mapping):
+        feed = data_cfg.get("feed") or feed
+    if feed not in FEEDS:
+        raise DataConfigError(f"feed={feed!r} is not valid: allowed {list(FEEDS)}. Fix: use 'reader' or 'ray'.")
+    spec = parse_data_config(data_cfg)
+    if split not in spec.splits:
+        raise DataConfigError(
+            f"data.{split} is not set (splits given: {sorted(spec.splits)}). Fix: add data.{split}: {{tiles: DIR}}."
+        )
+    samples = list_samples(spec.splits[split], img_size=spec.img_size, where=f"data.{split}")
+    plan = FeedPlan(num_samples=len(samples), global_batch_size=spec.global_batch_size, world_size=world_size,
+                    rank=rank, grad_accum=grad_accum, seed=seed, train=split == "train")
+    loader = make_loader(spec, samples, split=split, plan=plan)
+    LOG.info("data.%s rank %d/%d: %s, micro-batch %d, feed %s", split, rank, world_size, describe(samples),
+             plan.micro_batch, feed)
+    if feed == "ray":
+        from encdec.data.ray_feed import RayTileIterator
+
+        return RayTileIterator(plan, loader, cpus_per_task=spec.reader.ray_cpus_per_task,
+                               prefetch_batches=spec.reader.ray_prefetch_batches)
+    return TileIterator(plan, loader, threads=spec.reader.threads, prefetch_batches=spec.reader.prefetch_batches)

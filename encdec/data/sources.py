@@ -1,0 +1,281 @@
+"""Where samples come from: tile folders and globs (paired by a naming rule), manifests (CSV/Parquet), scenes.
+
+Every source becomes the same flat, ordered list of ``Sample`` records, identical on every rank (sorted paths or
+manifest order), so a sample's position in the list is its ``sample_id``.
+
+Paths: local paths, globs and URLs. All path handling goes through ``is_url`` / ``join`` / ``expand``; local
+paths use the standard library and URLs (``s3://``, ``gs://``, ``https://``) go to fsspec for listing and to
+rasterio (GDAL's /vsis3/, /vsigs/, /vsicurl/) for reading, so object stores need credentials, not a redesign.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import glob as globlib
+import io
+import os
+import posixpath
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from encdec.data.config import DataConfigError, SplitSpec
+
+FRAME_SEPARATOR = "|"
+MANIFEST_COLUMNS = ("image", "mask", "split", "label", "time", "lat", "lon")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample.
+
+    Attributes:
+        images: Image file(s): one file (all frames as band groups) or one file per frame.
+        mask: Target raster, or ``None``.
+        window: ``(row_off, col_off, height, width)`` for a chip of a scene; ``None`` means the whole tile.
+        label: Class index (or scalar target) from a manifest.
+        times: ``(year, day_of_year)`` per frame, from a manifest.
+        location: ``(lat, lon)`` from a manifest (otherwise the reader takes the tile's CRS centre).
+    """
+
+    images: tuple[str, ...]
+    mask: str | None = None
+    window: tuple[int, int, int, int] | None = None
+    label: float | None = None
+    times: tuple[tuple[int, int], ...] | None = None
+    location: tuple[float, float] | None = None
+
+    @property
+    def key(self) -> str:
+        """Identity for bad-tile bookkeeping (a chip is its scene plus window)."""
+        base = FRAME_SEPARATOR.join(self.images)
+        return base if self.window is None else f"{base}@{self.window}"
+
+
+# ---- paths -----------------------------------------------------------------------------------------------------
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is a URL (``scheme://...``) rather than a local path."""
+    return "://" in path
+
+
+def join(base: str, path: str) -> str:
+    """Resolve ``path`` against the folder ``base`` (absolute paths and URLs are returned unchanged)."""
+    if is_url(path) or os.path.isabs(path):
+        return path
+    if is_url(base):
+        return posixpath.join(base, path)
+    return os.path.normpath(os.path.join(base, path))
+
+
+def dirname(path: str) -> str:
+    """Folder of a local path or URL."""
+    return posixpath.dirname(path) if is_url(path) else os.path.dirname(os.path.abspath(path))
+
+
+def _has_magic(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
+
+
+def _fs(url: str) -> Any:
+    try:
+        import fsspec
+    except ImportError as e:  # pragma: no cover - fsspec ships with ray[data]
+        raise DataConfigError(f"listing {url!r} needs fsspec. Fix: pip install fsspec (and s3fs or gcsfs).") from e
+    protocol = url.split("://", 1)[0]
+    try:
+        return fsspec.filesystem(protocol)
+    except (ImportError, ValueError) as e:
+        raise DataConfigError(
+            f"no filesystem for {protocol}:// ({e}). Fix: pip install s3fs (s3://) or gcsfs (gs://)."
+        ) from e
+
+
+def expand(pattern: str, suffix: str | None = None) -> list[str]:
+    """List the files named by a folder, a glob, or a single file, sorted.
+
+    Args:
+        pattern: Folder (files ending in ``suffix`` inside it), glob (``**`` recurses) or file.
+        suffix: File-name ending to keep when ``pattern`` is a folder.
+
+    Returns:
+        Sorted file paths (URLs keep their scheme).
+    """
+    if is_url(pattern):
+        fs = _fs(pattern)
+        protocol = pattern.split("://", 1)[0]
+        if _has_magic(pattern):
+            found = fs.glob(pattern)
+        elif fs.isdir(pattern):
+            found = [p for p in fs.ls(pattern, detail=False) if suffix is None or p.endswith(suffix)]
+        else:
+            found = [pattern]
+        return sorted(p if is_url(p) else f"{protocol}://{p}" for p in found)
+    if _has_magic(pattern):
+        return sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+    if os.path.isdir(pattern):
+        with os.scandir(pattern) as it:
+            return sorted(e.path for e in it if e.is_file() and (suffix is None or e.name.endswith(suffix)))
+    if os.path.isfile(pattern):
+        return [pattern]
+    return []
+
+
+def open_text(path: str) -> io.TextIOBase:
+    """Open a local or remote text file."""
+    if is_url(path):
+        return _fs(path).open(path, "rt")
+    return open(path, newline="")
+
+
+# ---- tile folders ----------------------------------------------------------------------------------------------
+
+
+def pair_tiles(paths: Iterable[str], image_suffix: str, mask_suffix: str | None) -> list[Sample]:
+    """Pair image files with masks by the naming rule ``<stem><image_suffix>`` <-> ``<stem><mask_suffix>``.
+
+    Files ending in ``mask_suffix`` are masks, never images; a missing mask is found (and counted as a bad tile)
+    when the sample is read, so listing stays one directory scan.
+    """
+    samples = []
+    for path in paths:
+        if mask_suffix and path.endswith(mask_suffix):
+            continue
+        if not path.endswith(image_suffix):
+            continue
+        mask = path[: -len(image_suffix)] + mask_suffix if mask_suffix else None
+        samples.append(Sample(images=(path,), mask=mask))
+    return samples
+
+
+def list_tiles(spec: SplitSpec, where: str) -> list[Sample]:
+    """Samples of a ``tiles:`` source (folders/globs), sorted by path."""
+    paths: list[str] = []
+    for pattern in spec.tiles:
+        found = expand(pattern, spec.image_suffix)
+        if not found:
+            raise DataConfigError(
+                f"{where}.tiles={pattern!r} matches no files ending in {spec.image_suffix!r}. Fix: check the path, "
+                f"or set {where}.image_suffix / {where}.mask_suffix to your naming rule."
+            )
+        paths.extend(found)
+    samples = pair_tiles(sorted(set(paths)), spec.image_suffix, spec.mask_suffix)
+    if not samples:
+        raise DataConfigError(
+            f"{where}.tiles={list(spec.tiles)!r} holds no image files ending in {spec.image_suffix!r}. "
+            f"Fix: set {where}.image_suffix to the ending of your image files."
+        )
+    return samples
+
+
+# ---- manifests -------------------------------------------------------------------------------------------------
+
+
+def parse_time(value: str, where: str) -> tuple[int, int]:
+    """``YYYY-MM-DD`` or ``YYYY-DDD`` (day of year) -> ``(year, day_of_year)``."""
+    text = value.strip()
+    try:
+        if len(text) == 8 and text[4] == "-":
+            year, doy = int(text[:4]), int(text[5:])
+            if not 1 <= doy <= 366:
+                raise ValueError(text)
+            return year, doy
+        day = dt.date.fromisoformat(text[:10])
+        return day.year, day.timetuple().tm_yday
+    except ValueError as e:
+        raise DataConfigError(
+            f"{where}: time {value!r} is not a date; allowed YYYY-MM-DD or YYYY-DDD, '|'-separated per frame."
+        ) from e
+
+
+def _read_rows(path: str) -> list[dict[str, Any]]:
+    if path.lower().endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        if is_url(path):
+            with _fs(path).open(path, "rb") as f:
+                table = pq.read_table(f)
+        else:
+            table = pq.read_table(path)
+        return table.to_pylist()
+    with open_text(path) as f:
+        return list(csv.DictReader(f))
+
+
+def _empty(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip())
+
+
+def read_manifest(path: str, split: str | None, where: str) -> list[Sample]:
+    """Samples listed in a CSV or Parquet manifest.
+
+    Columns: ``image`` (required; ``|`` separates one file per frame), ``mask``, ``split`` (rows kept when equal
+    to ``split``), ``label``, ``time`` (``|``-separated dates per frame), ``lat``, ``lon``. Relative paths are
+    resolved against the manifest's folder.
+    """
+    try:
+        rows = _read_rows(path)
+    except (OSError, ValueError) as e:
+        raise DataConfigError(f"{where}.manifest={path!r} cannot be read ({e}). Fix: give a CSV or Parquet file.") from e
+    if rows and "image" not in rows[0]:
+        raise DataConfigError(
+            f"{where}.manifest={path!r} has no 'image' column (columns: {list(rows[0])}). "
+            f"Fix: name the image path column 'image'; optional: {list(MANIFEST_COLUMNS[1:])}."
+        )
+    base = dirname(path)
+    has_split = bool(rows) and "split" in rows[0]
+    samples = []
+    for i, row in enumerate(rows):
+        if has_split and split is not None and str(row.get("split", "")).strip() != split:
+            continue
+        at = f"{where}.manifest row {i + 1}"
+        images = tuple(join(base, p.strip()) for p in str(row["image"]).split(FRAME_SEPARATOR))
+        mask = None if _empty(row.get("mask")) else join(base, str(row["mask"]).strip())
+        label = None if _empty(row.get("label")) else float(row["label"])
+        times = None
+        if not _empty(row.get("time")):
+            times = tuple(parse_time(t, at) for t in str(row["time"]).split(FRAME_SEPARATOR))
+        location = None
+        if not _empty(row.get("lat")) and not _empty(row.get("lon")):
+            location = (float(row["lat"]), float(row["lon"]))
+        samples.append(Sample(images=images, mask=mask, label=label, times=times, location=location))
+    if not samples:
+        raise DataConfigError(
+            f"{where}.manifest={path!r} has no rows for split {split!r}. Fix: check its 'split' column "
+            f"or set {where}.split to the value used there."
+        )
+    return samples
+
+
+# ---- one entry point -------------------------------------------------------------------------------------------
+
+
+def list_samples(spec: SplitSpec, *, img_size: int, where: str) -> list[Sample]:
+    """The ordered samples of one split, from whichever source it names.
+
+    Args:
+        spec: The split's source.
+        img_size: Chip size for ``scenes`` sources.
+        where: Config path for messages (``data.train``).
+    """
+    if spec.manifest:
+        return read_manifest(spec.manifest, spec.split, where)
+    if spec.scenes:
+        from encdec.data.chips import chip_scenes
+
+        scenes = list_tiles(SplitSpec(tiles=spec.scenes, image_suffix=spec.image_suffix,
+                                      mask_suffix=spec.mask_suffix), where)
+        return chip_scenes(scenes, img_size=img_size, stride=spec.stride or img_size)
+    return list_tiles(spec, where)
+
+
+def describe(samples: Sequence[Sample]) -> Mapping[str, Any]:
+    """Small summary for logs."""
+    return {
+        "samples": len(samples),
+        "frames_per_sample": len(samples[0].images) if samples else 0,
+        "with_mask": sum(s.mask is not None for s in samples),
+        "chips": sum(s.window is not None for s in samples),
+    }
