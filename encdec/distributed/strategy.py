@@ -1,0 +1,218 @@
+"""The ``Strategy`` interface: how a model is sharded, stepped and checkpointed across ranks.
+
+One implementation per sharding library (``none``, ``ddp``, ``fsdp``, ``deepspeed``), each short and importing
+its library lazily. The training loop only talks to this interface::
+
+    strategy = make_strategy("fsdp")                       # encdec.distributed.make_strategy
+    strategy.setup(model, optim_cfg, precision="bf16", grad_accum=2, activation_checkpointing=False)
+    scheduler = build_scheduler(strategy.optimizer, ...)  # the loop owns the LR schedule
+    for step in ...:
+        for i, batch in enumerate(micro_batches):
+            with strategy.no_sync(is_last_micro=i == grad_accum - 1), strategy.autocast():
+                out = strategy.model(batch["image"])
+                loss = loss_fn(out.output.float(), batch["mask"])
+            strategy.backward(loss)                        # divides by grad_accum itself
+        grad_norm = strategy.step(max_norm=optim_cfg.get("grad_clip"))
+        scheduler.step()
+    strategy.save(ckpt_dir, extra={"step": step, "scheduler": scheduler.state_dict(), ...})
+
+Contract details the loop relies on:
+
+* ``setup`` moves the model to ``device``, applies activation checkpointing (before sharding), shards, and then
+  builds the optimizer over the parameters that require grad (after sharding: FSDP2 parameters are DTensors).
+  The optimizer comes from ``optimizer_factory(model, optim_cfg)``; the default factory is
+  ``encdec.train.optim.build_optimizer(model: nn.Module, optim_cfg: Mapping) -> torch.optim.Optimizer``.
+* ``precision`` is already resolved: ``bf16``, ``fp16`` or ``fp32`` (``auto`` is the loop's to resolve).
+  Compute casting belongs to the strategy: wrap forward + loss in ``strategy.autocast()`` and do not add another
+  autocast. Master weights and optimizer state stay fp32; fp16 loss scaling happens inside ``backward``/``step``.
+* ``backward(loss)`` takes the micro-batch loss as computed (not divided by ``grad_accum``); gradients are
+  averaged over ranks, so the loop's per-micro-batch mean losses give the global-batch mean gradient.
+* ``step`` returns the total gradient norm before clipping (``inf``/``nan`` when an fp16 step overflowed and was
+  skipped), steps the optimizer and zeroes gradients.
+* ``save(ckpt_dir, extra)`` is collective (every rank calls it). It writes into a temporary sibling directory and
+  renames it to ``ckpt_dir`` when every rank has finished, so a half-written checkpoint never has the final name.
+  ``extra`` is per-rank state (step, scheduler, RNG, data position); each rank's own ``extra`` is returned by
+  ``load`` when the world size is unchanged, rank 0's otherwise. ``load`` restores model and optimizer state and
+  accepts checkpoints written at another world size (and, for the DCP format, by another of none/ddp/fsdp).
+* ``full_state_dict()`` is collective; it returns the plain fp32 state dict (keys of the unwrapped model, CPU
+  tensors) on rank 0 and ``None`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PRECISIONS", "OptimizerFactory", "Strategy", "StrategyError", "default_optimizer_factory"]
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+OptimizerFactory = Callable[[nn.Module, Mapping[str, Any]], torch.optim.Optimizer]
+"""Builds the optimizer over ``model``'s trainable parameters from the recipe's ``optim`` section."""
+
+
+class StrategyError(ValueError):
+    """A strategy was asked for something it cannot do (bad option, wrong call order)."""
+
+
+def default_optimizer_factory(model: nn.Module, optim_cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The loop's optimizer builder, ``encdec.train.optim.build_optimizer`` (imported when first needed)."""
+    from encdec.train.optim import build_optimizer
+
+    return build_optimizer(model, optim_cfg)
+
+
+class Strategy(ABC):
+    """How one rank holds, steps and checkpoints its part of the model.
+
+    Args:
+        optimizer_factory: builds the optimizer after sharding; defaults to ``encdec.train.optim.build_optimizer``.
+        adapter_only: checkpoints hold only trainable parameters (+ optimizer state): for PEFT runs whose frozen
+            base is rebuilt from the pretrained weights on resume.
+        device: device to train on; defaults to ``cuda:<LOCAL_RANK>`` when CUDA is available, else CPU.
+    """
+
+    name: str = "abstract"
+
+    def __init__(
+        self,
+        *,
+        optimizer_factory: OptimizerFactory | None = None,
+        adapter_only: bool = False,
+        device: str | torch.device | None = None,
+    ) -> None:
+        from encdec.distributed.process_group import default_device
+
+        self.optimizer_factory: OptimizerFactory = optimizer_factory or default_optimizer_factory
+        self.adapter_only = bool(adapter_only)
+        self._device = torch.device(device) if device is not None else default_device()
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self.precision = "fp32"
+        self.grad_accum = 1
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def rank(self) -> int:
+        """This process's global rank (0 without a process group)."""
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks (1 without a process group)."""
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model's compute runs on."""
+        return self._device
+
+    @property
+    def model(self) -> nn.Module:
+        """The wrapped model to call for forward (DDP wrapper, FSDP2 module, DeepSpeed engine or the module)."""
+        if self._model is None:
+            raise StrategyError(f"strategy {self.name!r}: call setup(model, ...) before using .model")
+        return self._model
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (the object ``build_model`` returned, possibly sharded in place)."""
+        return self.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer over trainable parameters (build an LR scheduler on it)."""
+        if self._optimizer is None:
+            raise StrategyError(f"strategy {self.name!r}: call setup(model, ...) before using .optimizer")
+        return self._optimizer
+
+    # ------------------------------------------------------------------ lifecycle
+    @abstractmethod
+    def setup(
+        self,
+        model: nn.Module,
+        optim_cfg: Mapping[str, Any],
+        *,
+        precision: str,
+        grad_accum: int,
+        activation_checkpointing: bool,
+    ) -> None:
+        """Place and shard ``model``, then build the optimizer over its trainable parameters.
+
+        Args:
+            model: a materialised model (pretrained weights loaded, PEFT applied, trainable set decided).
+            optim_cfg: the recipe's ``optim`` section (``lr``, ``weight_decay``, ``grad_clip``, ``grad_accum``...).
+            precision: ``bf16``, ``fp16`` or ``fp32``.
+            grad_accum: micro-batches per optimizer step.
+            activation_checkpointing: recompute each sharding unit's activations in backward.
+        """
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """Context for forward + loss that applies this strategy's compute precision."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate gradients of one micro-batch loss (scaled by ``1 / grad_accum`` here)."""
+
+    @abstractmethod
+    def no_sync(self, is_last_micro: bool) -> contextlib.AbstractContextManager[None]:
+        """Context for a micro-batch's forward + backward; gradients are synchronised only when ``is_last_micro``."""
+
+    @abstractmethod
+    def step(self, max_norm: float | None) -> float:
+        """Clip to ``max_norm`` (None: no clipping), step the optimizer, zero the gradients.
+
+        Returns:
+            The total gradient norm before clipping.
+        """
+
+    @abstractmethod
+    def save(self, ckpt_dir: str | Path, extra: Mapping[str, Any]) -> None:
+        """Write a checkpoint atomically to ``ckpt_dir`` (collective)."""
+
+    @abstractmethod
+    def load(self, ckpt_dir: str | Path) -> dict[str, Any]:
+        """Restore model and optimizer from ``ckpt_dir`` (collective); returns the saved ``extra``."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The plain, gathered fp32 state dict on rank 0; ``None`` on other ranks (collective)."""
+
+    # ------------------------------------------------------------------ helpers shared by implementations
+    def _check_setup_args(self, precision: str, grad_accum: int) -> None:
+        if precision not in PRECISIONS:
+            raise StrategyError(
+                f"precision {precision!r} is not supported by strategy {self.name!r}; use one of "
+                f"{', '.join(PRECISIONS)} (resolve 'auto' with encdec.train.precision first)"
+            )
+        if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
+            raise StrategyError(f"grad_accum must be a positive integer (optim.grad_accum), got {grad_accum!r}")
+        self.precision = precision
+        self.grad_accum = grad_accum
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op without a process group)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def trainable_names(self) -> Iterator[str]:
+        """Names of the unwrapped model's trainable parameters."""
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                yield name

@@ -1,0 +1,231 @@
+"""What the torch-native strategies (none, ddp, fsdp) share: stepping, loss scaling and DCP checkpoints.
+
+Checkpoints use torch.distributed.checkpoint (DCP) with state dicts keyed by the unwrapped model's parameter
+names (``get_state_dict``), so a checkpoint written by any of none/ddp/fsdp at any world size loads into any of
+them at any other world size: DCP reshards on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from encdec.distributed.strategy import Strategy, StrategyError
+
+__all__ = ["TorchStrategy", "apply_activation_checkpointing", "sharding_units"]
+
+DCP_FORMAT = "dcp"
+
+
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """The model's own sharding units (each transformer block, the decoder), or its direct children."""
+    units = getattr(model, "sharding_units", None)
+    if callable(units):
+        return [u for u in units() if isinstance(u, nn.Module)]
+    return list(model.children())
+
+
+def apply_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each sharding unit's activations in backward (composable API: parameter names are unchanged).
+
+    Returns:
+        The number of units checkpointed.
+    """
+    from torch.distributed._composable import checkpoint
+
+    # frozen blocks too: with LoRA inside them (or anything trainable upstream) they store activations for backward
+    units = sharding_units(model)
+    for unit in units:
+        checkpoint(unit)
+    return len(units)
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm (statistics over the global batch). torch implements it for GPUs only.
+
+    Raises:
+        StrategyError: on CPU, where torch's SyncBatchNorm refuses to run.
+    """
+    if device.type == "cpu":
+        raise StrategyError(
+            "sync_batchnorm=True needs GPUs: torch's SyncBatchNorm does not run on CPU. On CPU use norms without "
+            "batch statistics (norm: group | frozen_batch | layer) or keep per-rank BatchNorm (sync_batchnorm=False)"
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class TorchStrategy(Strategy):
+    """Base for none/ddp/fsdp: subclasses implement ``_wrap`` (place + shard) and ``no_sync``."""
+
+    def setup(
+        self,
+        model: nn.Module,
+        optim_cfg: Mapping[str, Any],
+        *,
+        precision: str,
+        grad_accum: int,
+        activation_checkpointing: bool,
+    ) -> None:
+        """See ``Strategy.setup``."""
+        self._check_setup_args(precision, grad_accum)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise StrategyError(
+                "the model has no trainable parameters; check the PEFT config and the freezing options "
+                "(freezing the backbone after PEFT also freezes its adapters)"
+            )
+        self._unwrapped = model
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self._model = self._wrap(model)
+        self._optimizer = self.optimizer_factory(self._unwrapped, optim_cfg)
+        self._scaler = None
+        if precision == "fp16":
+            self._scaler = torch.amp.GradScaler(self.device.type)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device and shard/wrap it; returns what forward is called on."""
+        raise NotImplementedError
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (for FSDP2: the same object, sharded in place)."""
+        if self._model is None:
+            raise StrategyError(f"strategy {self.name!r}: call setup(model, ...) before using .module")
+        return self._unwrapped
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
+        """``torch.autocast`` to bf16/fp16 for the forward + loss; nothing in fp32."""
+        dtype = self._autocast_dtype()
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward of ``loss / grad_accum`` (loss-scaled in fp16)."""
+        loss = loss / self.grad_accum if self.grad_accum > 1 else loss
+        if self._scaler is not None:
+            loss = self._scaler.scale(loss)
+        loss.backward()
+
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def step(self, max_norm: float | None) -> float:
+        """Unscale (fp16), clip, step, zero grads; returns the total grad norm before clipping."""
+        params = [p for p in self._trainable() if p.grad is not None]
+        if self._scaler is not None:
+            self._scaler.unscale_(self.optimizer)
+        total = _total_norm(params)
+        if max_norm is not None and max_norm > 0 and math.isfinite(total):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, torch.tensor(total, device=self.device))
+        if self._scaler is not None:
+            self._scaler.step(self.optimizer)  # skips the step when grads hold inf/nan
+            self._scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    # ------------------------------------------------------------------ checkpoints (DCP)
+    def _state_options(self, *, full: bool = False) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(
+            full_state_dict=full,
+            cpu_offload=full,
+            ignore_frozen_params=self.adapter_only and not full,
+        )
+
+    def save(self, ckpt_dir: str | Path, extra: Mapping[str, Any]) -> None:
+        """DCP save of model + optimizer (+ loss scaler) into an atomic directory; see ``Strategy.save``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from encdec.train.checkpoint import atomic_checkpoint_dir, save_extra
+
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=self._state_options())
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        if self._scaler is not None:
+            extra = {**dict(extra), "grad_scaler": self._scaler.state_dict()}
+        meta = {
+            "format": DCP_FORMAT,
+            "strategy": self.name,
+            "world_size": self.world_size,
+            "adapter_only": self.adapter_only,
+            "precision": self.precision,
+            "step": extra.get("step"),
+        }
+        with atomic_checkpoint_dir(ckpt_dir, rank=self.rank, barrier=self.barrier, meta=meta) as tmp:
+            dcp.save(state, checkpoint_id=str(tmp / "state"))
+            save_extra(tmp, self.rank, extra)
+
+    def load(self, ckpt_dir: str | Path) -> dict[str, Any]:
+        """DCP load (resharding to this world size); see ``Strategy.load``."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        from encdec.train.checkpoint import CheckpointError, load_extra, read_meta
+
+        meta = read_meta(ckpt_dir)
+        if meta.get("format") != DCP_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_dir)!r} was written by strategy {meta.get('strategy')!r} in format "
+                f"{meta.get('format')!r}; strategy {self.name!r} reads {DCP_FORMAT!r} checkpoints (none/ddp/fsdp). "
+                "Resume with the strategy that wrote it"
+            )
+        adapter_only = bool(meta.get("adapter_only", False))
+        options = StateDictOptions(ignore_frozen_params=adapter_only)
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=options)
+        state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        try:
+            dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "state"))
+        except Exception as e:  # DCP raises a bare RuntimeError listing missing keys
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_dir)!r} does not fit this model/optimizer (adapter_only={adapter_only}): {e}"
+            ) from e
+        set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=StateDictOptions(strict=not adapter_only),
+        )
+        extra = load_extra(ckpt_dir, self.rank, self.world_size)
+        scaler_state = extra.pop("grad_scaler", None)
+        if self._scaler is not None and scaler_state is not None:
+            self._scaler.load_state_dict(scaler_state)
+        return extra
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """Gathered plain state dict (CPU, fp32) on rank 0; None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        sd = get_model_state_dict(self.module, options=self._state_options(full=True))
+        if self.rank != 0:
+            return None
+        return {k: _plain(v) for k, v in sd.items()}
+
+
+def _plain(t: Any) -> Any:
+    if isinstance(t, Tensor):
+        t = t.detach().cpu()
+        return t.float() if t.is_floating_point() and t.dtype != torch.float64 else t
+    return t
+
+
+def _total_norm(params: list[nn.Parameter]) -> float:
+    """L2 norm over all grads; DTensor (FSDP2) partial norms are reduced across ranks."""
+    if not params:
+        return 0.0
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    full = getattr(norm, "full_tensor", None)
+    if callable(full):
+        norm = full()
+    return float(norm)

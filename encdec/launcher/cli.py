@@ -1,0 +1,205 @@
+"""``encdec-launch`` command line: parse, then hand over to the module that does the work.
+
+Imports stay lazy: ``--help`` imports neither torch nor ray (measured in tests/integration/test_cli.py).
+
+::
+
+    encdec-launch RECIPE.yaml [--nodes N] [--set k=v ...]        run (local Ray, --address, --submit, --slurm, --k8s)
+    encdec-launch plan RECIPE.yaml --nodes 8                       validate + meta build + memory table
+    encdec-launch recipe --schema | recipe check RECIPE.yaml
+    encdec-launch status|logs|stop RUN_DIR|JOB_ID
+    encdec-launch export RUN_DIR
+    encdec-launch convert-terratorch CONFIG.yaml
+    encdec-launch make-data OUT --tiles N | stats TILES
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from encdec._version import __version__
+
+__all__ = ["build_parser", "main"]
+
+SUBCOMMANDS = ("run", "plan", "recipe", "status", "logs", "stop", "export", "convert-terratorch", "make-data", "stats")
+EPILOG = """examples:
+  encdec-launch recipes/quickstart.yaml                      train on a local Ray cluster started for the run
+  encdec-launch recipes/prithvi_lora.yaml --nodes 8 --dry-run   plan: parameters, memory per strategy, launch spec
+  encdec-launch recipes/prithvi_lora.yaml --nodes 8 --slurm     submit to Slurm (8 nodes, one Ray cluster)
+  encdec-launch recipes/quickstart.yaml --set train.max_steps=50 --set optim.lr=3e-4
+  encdec-launch --resume runs/quickstart-20250101-120000        continue a run from its last checkpoint
+"""
+
+
+def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe value (typed and validated like the file); repeatable")
+    p.add_argument("--nodes", type=int, help="nodes to run on (cluster.nodes)")
+    p.add_argument("--workers-per-node", type=int, help="training workers per node (cluster.workers_per_node)")
+    p.add_argument("--storage", help="run storage root (cluster.storage); shared by all nodes when nodes > 1")
+    p.add_argument("--name", help="run name (run.name)")
+
+
+def _add_slurm_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm (with --slurm)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--time", help="time limit, e.g. 24:00:00")
+    g.add_argument("--qos")
+    g.add_argument("--constraint")
+    g.add_argument("--gpus-per-node", type=int)
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--signal-grace-s", type=int, help="seconds before the limit when USR1 asks for a checkpoint")
+    g.add_argument("--sbatch-extra", dest="extra", action="append", metavar="LINE",
+                   help="extra #SBATCH line, e.g. --sbatch-extra=--exclusive (repeatable)")
+    g.add_argument("--venv", help="virtualenv with encdec-launch on every node (default: this one)")
+
+
+def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("run", help="train a recipe (the default: `encdec-launch RECIPE.yaml` means `run`)",
+                       description="Train a recipe on Ray Train workers.", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help="recipe YAML (optional with --resume)")
+    _add_recipe_flags(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and plan only; print what would be launched (the sbatch script with --slurm)")
+    p.add_argument("--address", help="join an existing Ray cluster (auto, HOST:PORT, or the dashboard URL with "
+                   "--submit) instead of starting a local one")
+    p.add_argument("--submit", action="store_true", help="send the run as a Ray Job to --address and follow it")
+    p.add_argument("--no-follow", action="store_true", help="with --submit: return once the job is submitted")
+    p.add_argument("--keep-cluster", action="store_true", help="leave the local Ray cluster running at exit")
+    p.add_argument("--simulate-nodes", type=int, metavar="N",
+                   help="start N Ray nodes on this machine (tries the multi-node path anywhere)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint")
+    p.add_argument("--run-dir", help="use exactly this run directory (continued if it has checkpoints); "
+                   "what a Slurm job or a Ray Job runs")
+    p.add_argument("--init-from", metavar="CKPT", help="start from a TerraTorch fine-tuned checkpoint (run.init_from)")
+    p.add_argument("--slurm", action="store_true", help="submit to Slurm (sbatch) instead of running here")
+    p.add_argument("--k8s", action="store_true", help="render a KubeRay RayJob manifest (apply it with kubectl)")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the progress bar")
+    p.add_argument("--ray-temp-dir", help="temp dir of the local Ray cluster (default /tmp/edray-XXXXXX)")
+    p.add_argument("--dashboard-port", type=int, help="dashboard port of the local Ray cluster (default: free)")
+    _add_slurm_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser (subcommands; a bare recipe path means ``run``)."""
+    parser = argparse.ArgumentParser(
+        prog="encdec-launch",
+        description="Fine-tune geospatial foundation models (Prithvi-EO-2.0, timm backbones) on Ray Train "
+        "workers sharded by DDP, FSDP2 or DeepSpeed ZeRO. `encdec-launch RECIPE.yaml [flags]` runs a recipe "
+        "(see `encdec-launch run --help` for the flags).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"encdec-launch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _run_parser(sub)
+
+    p = sub.add_parser("plan", help="validate a recipe, build it on the meta device and estimate memory")
+    p.add_argument("recipe")
+    _add_recipe_flags(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("recipe", help="the recipe schema, or check a recipe")
+    p.add_argument("--schema", action="store_true", help="print the recipe's JSON schema")
+    p.add_argument("check", nargs="*", metavar="RECIPE", help="recipes to validate (schema and cross-field rules)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+
+    for name, text in (("status", "state of a run (Ray Job or Slurm job)"), ("logs", "logs of a run"),
+                       ("stop", "stop a run (it checkpoints first)")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("target", metavar="RUN_DIR|JOB_ID")
+        p.add_argument("--address", help="dashboard URL for a job id (default: the one the run recorded)")
+        if name == "logs":
+            p.add_argument("--tail", type=int, help="last N lines")
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+
+    p = sub.add_parser("export", help="write the consolidated merged model of a run (safetensors + model block)")
+    p.add_argument("run_dir")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the best, else the latest)")
+    p.add_argument("--out", help="output directory (default RUN_DIR/export)")
+    p.add_argument("--official-prithvi", action="store_true",
+                   help="also write the backbone with official Prithvi key names")
+
+    p = sub.add_parser("convert-terratorch", help="turn a TerraTorch (Lightning) config into a recipe")
+    p.add_argument("config")
+    p.add_argument("-o", "--output", help="recipe file to write (default: print)")
+
+    sub.add_parser("make-data", help="write a synthetic HLS-like tile set", add_help=False)
+    sub.add_parser("stats", help="per-band means/stds and class frequencies of tiles", add_help=False)
+    return parser
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """``encdec-launch RECIPE ...`` and ``encdec-launch --resume DIR`` mean ``run``."""
+    argv = list(argv)
+    if not argv:
+        return argv
+    first = argv[0]
+    if first in SUBCOMMANDS or first in ("-h", "--help", "--version"):
+        return argv
+    return ["run", *argv]
+
+
+def _dispatch(command: str) -> Callable[[argparse.Namespace], int]:
+    if command == "run":
+        from encdec.launcher.launch import run_command
+
+        return run_command
+    if command == "plan":
+        from encdec.launcher.launch import plan_command
+
+        return plan_command
+    if command == "recipe":
+        from encdec.launcher.launch import recipe_command
+
+        return recipe_command
+    if command in ("status", "logs", "stop"):
+        from encdec.launcher import follow
+
+        return getattr(follow, f"{command}_command")  # type: ignore[no-any-return]
+    if command == "export":
+        from encdec.launcher.export_cmd import export_command
+
+        return export_command
+    if command == "convert-terratorch":
+        from encdec.launcher.convert_terratorch import convert_command
+
+        return convert_command
+    raise SystemExit(f"unknown command {command}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``encdec-launch`` console script. Returns the exit status."""
+    args_in = _normalise_argv(sys.argv[1:] if argv is None else argv)
+    if args_in and args_in[0] in ("make-data", "stats"):
+        from encdec.data import commands  # the data package owns these commands and their flags
+
+        return int(getattr(commands, args_in[0].replace("-", "_"))(args_in[1:]))
+    parser = build_parser()
+    if not args_in:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(args_in)
+    if args.command == "run" and not args.recipe and not args.resume and not args.run_dir:
+        parser.error("give a recipe (encdec-launch RECIPE.yaml) or --resume RUN_DIR")
+    from encdec.launcher.errors import LaunchError, RecipeError
+
+    try:
+        return int(_dispatch(args.command)(args))
+    except RecipeError as err:
+        print(str(err), file=sys.stderr)
+        return 2
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,261 @@
+"""The ``run``, ``plan`` and ``recipe`` commands: from a recipe file to a finished (or submitted) run.
+
+Order, so nothing expensive happens before a cheap check fails: recipe (schema, overrides, cross-field rules)
+-> registry names and the meta-device build with a dummy batch (the plan) -> where to run (dry run, Slurm,
+Kubernetes, Ray Job, an existing cluster, or a local cluster started here) -> cluster capacity and shared
+storage -> a new run directory -> ``TorchTrainer.fit`` -> metrics.csv, plot, export, summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from encdec.launcher.errors import LaunchError
+from encdec.launcher.overrides import FLAG_PATHS
+
+__all__ = ["load_for_run", "plan_command", "recipe_command", "run_command"]
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:  # logs and CI: do not cut paths at 80 columns
+        console = Console(stderr=stderr, highlight=False, width=160)
+    return console
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
+    flags = {path: getattr(args, dest, None) for dest, path in FLAG_PATHS.items()}
+    sim = getattr(args, "simulate_nodes", None)
+    if sim and flags["cluster.nodes"] is None:
+        flags["cluster.nodes"] = sim
+    return flags
+
+
+def _absolute(value: str | None, base: Path) -> str | None:
+    if value is None or "://" in value or value.startswith("~"):
+        return os.path.expanduser(value) if value else value
+    p = Path(value)
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def absolutize_paths(recipe: Any, base: Path) -> None:
+    """Make relative paths absolute against ``base`` (the launch's working directory): workers run elsewhere."""
+    for split in ("train", "val", "test"):
+        src = getattr(recipe.data, split)
+        if src is None:
+            continue
+        for key in ("tiles", "scenes"):
+            val = getattr(src, key)
+            if isinstance(val, list):
+                setattr(src, key, [_absolute(v, base) for v in val])
+            elif val is not None:
+                setattr(src, key, _absolute(val, base))
+        if src.manifest is not None:
+            src.manifest = _absolute(src.manifest, base)
+    recipe.run.init_from = _absolute(recipe.run.init_from, base)
+    recipe.cluster.storage = _absolute(recipe.cluster.storage, base) or recipe.cluster.storage
+    extra = recipe.model.model_extra or {}
+    if isinstance(extra.get("backbone_ckpt_path"), str):
+        extra["backbone_ckpt_path"] = _absolute(extra["backbone_ckpt_path"], base)
+
+
+def load_for_run(args: argparse.Namespace) -> tuple[Any, Path | None, str]:
+    """The recipe to run, the existing run directory to continue (or None) and where the recipe came from."""
+    from encdec.launcher.rundir import RECIPE_FILE, is_run_dir
+    from encdec.launcher.schema import load_recipe
+
+    existing: Path | None = None
+    recipe_path = args.recipe
+    if getattr(args, "resume", None):
+        existing = Path(args.resume).resolve()
+        if not is_run_dir(existing):
+            raise LaunchError(f"--resume {args.resume}: not a run directory (no {RECIPE_FILE}); give the directory "
+                              "a launch created, e.g. runs/quickstart-20250101-120000")
+        recipe_path = str(existing / RECIPE_FILE)  # the run's own resolved recipe; --set may still extend it
+    elif getattr(args, "run_dir", None):
+        existing = Path(args.run_dir).resolve()
+        if recipe_path is None:
+            if not is_run_dir(existing):
+                raise LaunchError(f"--run-dir {args.run_dir} has no {RECIPE_FILE}; give the recipe too")
+            recipe_path = str(existing / RECIPE_FILE)
+    recipe = load_recipe(recipe_path, args.overrides, flags=_flags(args))
+    absolutize_paths(recipe, Path.cwd())
+    return recipe, existing, recipe_path
+
+
+def prepare_synthetic(recipe: Any, console: Any) -> None:
+    """Write the synthetic tiles a recipe asks for (``data.<split>.synthetic``) when their folder has none."""
+    for split in ("train", "val", "test"):
+        src = getattr(recipe.data, split)
+        if src is None or src.synthetic is None:
+            continue
+        folder = Path(src.tiles)
+        if folder.is_dir() and any(folder.glob(f"*{src.image_suffix}")):
+            continue
+        from encdec.data.synthetic import write_tiles
+
+        t0 = time.perf_counter()
+        s = src.synthetic
+        write_tiles(folder, s.n_tiles, img_size=recipe.data.img_size, seed=s.seed, task=s.task,
+                    num_frames=recipe.data.num_frames)
+        console.print(f"wrote {s.n_tiles} synthetic {split} tiles to {folder} ({time.perf_counter() - t0:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def plan_command(args: argparse.Namespace) -> int:
+    """``encdec-launch plan RECIPE``: validate, build on meta, print the memory table."""
+    from encdec.launcher.plan import make_plan
+    from encdec.launcher.plan_view import render_plan
+    from encdec.launcher.schema import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides, flags=_flags(args))
+    plan = make_plan(recipe)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        render_plan(plan, _console(), title=Path(args.recipe).name)
+    return 0
+
+
+def recipe_command(args: argparse.Namespace) -> int:
+    """``encdec-launch recipe --schema`` / ``recipe RECIPE...`` (validate only: schema and cross-field rules)."""
+    from encdec.launcher.errors import RecipeError
+    from encdec.launcher.schema import json_schema, load_recipe
+
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    if not args.check:
+        print("give --schema or recipe files to check", file=sys.stderr)
+        return 2
+    status = 0
+    for path in args.check:
+        try:
+            load_recipe(path, args.overrides)
+            print(f"{path}: ok")
+        except RecipeError as err:
+            print(str(err), file=sys.stderr)
+            status = 2
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def run_command(args: argparse.Namespace) -> int:
+    """``encdec-launch RECIPE [flags]``."""
+    from encdec.launcher.driver import run_spec, scaling_spec
+    from encdec.launcher.plan import make_plan
+    from encdec.launcher.plan_view import render_launch, render_plan
+
+    console = _console()
+    recipe, existing, recipe_path = load_for_run(args)
+    plan = make_plan(recipe)
+    check_init_from(recipe)
+    where = ("Slurm" if args.slurm else "Kubernetes" if args.k8s else "Ray Job" if args.submit else
+             f"Ray cluster at {args.address}" if args.address else
+             f"local Ray cluster ({args.simulate_nodes or 1} node{'s' if (args.simulate_nodes or 1) > 1 else ''})")
+    if args.dry_run:
+        if recipe.cluster.gpus_per_worker is None:  # auto: shown as this machine would decide it
+            recipe.cluster.gpus_per_worker = 1.0 if plan.on_gpu else 0.0
+        render_plan(plan, console, title=Path(recipe_path).name)
+        preview = existing or Path(recipe.cluster.storage) / f"{recipe.run.name}-<timestamp>"
+        render_launch(console, scaling_spec(recipe), run_spec(recipe, preview), where)
+        local_nodes = args.simulate_nodes or 1
+        if not (args.address or args.slurm or args.k8s or args.submit) and recipe.cluster.nodes > local_nodes:
+            console.print(f"[yellow]note:[/yellow] the local cluster has {local_nodes} node(s) but the recipe asks for "
+                          f"{recipe.cluster.nodes}: launch with --slurm, --address HOST:PORT (an existing cluster) or "
+                          f"--simulate-nodes {recipe.cluster.nodes} (all on this machine)")
+        if args.slurm:
+            from encdec.launcher import slurm
+
+            print(slurm.render_sbatch(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml"),
+                                      flags=vars(args), run_dir=preview))
+        if args.k8s:
+            from encdec.launcher import k8s
+
+            print(k8s.render_rayjob(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml")))
+        return 0
+    for w in plan.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+    from encdec.launcher.rundir import update_launch
+
+    def make_run_dir() -> Path:
+        run_dir = open_run_dir(recipe, existing, _mode(args))
+        console.print(f"run directory: {run_dir}")
+        return run_dir
+
+    if args.slurm:
+        from encdec.launcher import slurm
+
+        run_dir = make_run_dir()
+        job = slurm.submit(recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"), flags=vars(args),
+                           run_dir=run_dir)
+        update_launch(run_dir, mode="slurm", slurm_job_id=job.job_id)
+        console.print(f"submitted Slurm job {job.job_id}; follow it with `encdec-launch status|logs|stop {run_dir}`")
+        return 0
+    if args.k8s:
+        from encdec.launcher import k8s
+
+        run_dir = make_run_dir()
+        manifest = run_dir / "rayjob.yaml"
+        manifest.write_text(k8s.render_rayjob(recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml")))
+        console.print(f"wrote {manifest}; start it with `kubectl apply -f {manifest}`")
+        return 0
+    prepare_synthetic(recipe, console)
+    if args.submit:
+        from encdec.launcher.jobs import submit_and_follow
+
+        return submit_and_follow(recipe, make_run_dir(), args, console)
+    from encdec.launcher.local_run import run_on_ray
+
+    # the run directory is made once the cluster is known to fit the recipe
+    return run_on_ray(recipe, make_run_dir, plan, args, console)
+
+
+def open_run_dir(recipe: Any, existing: Path | None, mode: str) -> Path:
+    """The run directory: ``existing`` (continued; created with the recipe if empty), else a new one."""
+    from encdec.launcher.rundir import new_run_dir, update_launch, write_run_files
+
+    if existing is None:
+        run_dir = new_run_dir(recipe.cluster.storage, recipe.run.name)
+        write_run_files(run_dir, recipe.to_yaml_dict(), {"mode": mode})
+        return run_dir
+    existing.mkdir(parents=True, exist_ok=True)
+    if not (existing / "recipe.yaml").is_file():
+        write_run_files(existing, recipe.to_yaml_dict(), {"mode": mode})
+    else:
+        update_launch(existing, resumed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return existing
+
+
+def check_init_from(recipe: Any) -> None:
+    """``run.init_from`` / ``--init-from``: the file must exist and the engine must take it (before any cluster)."""
+    if not recipe.run.init_from:
+        return
+    import inspect
+
+    from encdec.train.loop import train
+
+    path = Path(recipe.run.init_from)
+    if not path.is_file():
+        raise LaunchError(f"run.init_from / --init-from {path}: no such file (a TerraTorch .ckpt or a state dict)")
+    if "init_from" not in inspect.signature(train).parameters:
+        raise LaunchError("run.init_from needs encdec.train.loop.train(init_from=...), which this engine version "
+                          "does not have; start from backbone_ckpt_path weights instead")
+
+
+def _mode(args: argparse.Namespace) -> str:
+    if args.slurm:
+        return "slurm"
+    if args.k8s:
+        return "k8s"
+    if args.submit:
+        return "ray-job"
+    return "ray-address" if args.address else "local"

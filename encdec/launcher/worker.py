@@ -1,0 +1,133 @@
+"""What each Ray Train worker runs: the engine's ``train`` with reports mapped to ``ray.train.report``.
+
+Resuming: a run directory belongs to one run (``encdec.launcher.rundir``), so a worker always continues from the
+newest complete checkpoint in it - after a worker-group restart (FailureConfig), a ``--resume`` or a Slurm
+requeue alike. Checkpoints are written by the engine straight into the run directory (Ray's storage path), so
+they are reported with ``NO_UPLOAD``: Ray records them without copying, and retention is the engine's
+(``keep_last`` + best).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["train_loop_per_worker"]
+
+_METRIC_NAMES = {
+    "train/loss": "encdec_train_loss",
+    "val/mIoU": "encdec_val_miou",
+    "val/loss": "encdec_val_loss",
+    "train/tiles_per_s": "encdec_tiles_per_second",
+    "train/data_wait_pct": "encdec_data_wait_percent",
+    "step": "encdec_step",
+}
+
+
+class _Gauges:
+    """Run metrics exported through Ray's metrics API (Prometheus endpoint of each node, dashboard/Grafana)."""
+
+    def __init__(self, run: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {key: Gauge(name, description=f"encdec-launch {key}", tag_keys=("run",))
+                       for key, name in _METRIC_NAMES.items()}
+
+    def set(self, metrics: dict[str, Any]) -> None:
+        for key, gauge in self.gauges.items():
+            value = metrics.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                gauge.set(float(value), tags=self.tags)
+
+
+def _peak_memory() -> dict[str, float]:
+    """This process's peak memory: RSS on CPU, and the CUDA allocator's peak when a GPU is used."""
+    out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            out["mem/cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    except Exception:  # memory stats are informative only
+        pass
+    return out
+
+
+def _current_rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Ray reports must be JSON-friendly scalars."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function.
+
+    ``config`` holds the recipe sections as plain dicts (``task``, ``model``, ``loss``, ``data``, ``optim``,
+    ``train``, ``seed``, ``init_from``), the ``run_dir`` and the driver's progress ``sink`` actor (or None).
+    """
+    import ray
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    from encdec.launcher.rundir import latest_checkpoint
+    from encdec.train.loop import train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    run_dir = Path(config["run_dir"])
+    sink = config.get("sink")
+    # Tests (and operators) find a worker's process here, e.g. to kill one and watch the run recover; the
+    # RSS before the model exists is the runtime's own footprint (torch, Ray, gloo), the plan's "runtime" term.
+    record = {
+        "pid": os.getpid(), "node_rank": ctx.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
+        "started": time.time(), "start_rss_gb": _current_rss_gb(),
+    }
+    pid_file = run_dir / "workers" / f"rank{rank}.json"
+    pid_file.parent.mkdir(exist_ok=True)
+    pid_file.write_text(json.dumps(record))
+    gauges = _Gauges(run_dir.name) if rank == 0 else None
+    checked: dict[str, Any] = {"at": 0.0, "stop": False}
+
+    def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        metrics = {**metrics, **_peak_memory()}
+        if rank == 0:
+            if sink is not None:
+                sink.push.remote(_plain(metrics))
+            if gauges is not None:
+                gauges.set(metrics)
+        checkpoint = Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(_plain(metrics), checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+    def stop_requested() -> bool:
+        # The engine all-reduces this flag every step; asking the driver's actor at most once a second is enough.
+        if sink is None:
+            return False
+        now = time.monotonic()
+        if now - checked["at"] >= 1.0:
+            checked["at"] = now
+            checked["stop"] = bool(ray.get(sink.should_stop.remote()))
+        return checked["stop"]
+
+    resume = str(run_dir) if latest_checkpoint(run_dir) is not None else None
+    extra = {"init_from": config["init_from"]} if config.get("init_from") and resume is None else {}
+    final = train(
+        task=config["task"], model=config["model"], loss=config["loss"], data=config["data"], optim=config["optim"],
+        train=config["train"], seed=int(config["seed"]), run_dir=str(run_dir), resume=resume, report=report,
+        stop_requested=stop_requested, **extra,
+    )
+    peak = _peak_memory()
+    pid_file.write_text(json.dumps({**record, **peak, "final_step": final.get("step")}))
+    if sink is not None:
+        sink.finished.remote(rank, _plain({**final, **peak}))

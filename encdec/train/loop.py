@@ -1,0 +1,270 @@
+"""The one training recipe every worker runs, readable top to bottom in ``train``.
+
+Build order (each step needs the previous one):
+
+1. build the model on the CPU with the run seed (every rank builds the same initial weights; FSDP2 and ZeRO-3
+   keep each rank's own slice of them, so they must agree);
+2. load pretrained backbone weights (into the fused qkv layout they were saved in...
+3. ...which ``build_model`` already split into q/k/v, and 4. wrapped with PEFT when ``peft_config`` is given:
+   ``load_pretrained`` maps the checkpoint's keys onto that layout);
+5. decide the trainable set (``train.freeze_backbone`` / ``freeze_decoder``, never freezing PEFT adapters);
+6. precision storage (bf16: frozen weights stored in bf16 once), 7. activation checkpointing (in
+   ``strategy.setup``, before sharding), 8. optional ``torch.compile`` of each sharding unit;
+9. shard (``strategy.setup``) and 10. build the optimizer over trainable parameters after sharding;
+11. the loop: ``grad_accum`` micro-batches, clip, step, LR schedule, log, validate, checkpoint.
+
+Loss normalisation: the loss of a global step is the mean over every valid target of the global batch, however
+it is split across ranks and micro-batches (``encdec.train.losses``). Before the first backward of a step the
+ranks all-reduce the step's normalisers (one small collective, which also carries the stop request); each
+micro-batch then backpropagates ``sum / global_normaliser``, rescaled for the strategy's averaging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from encdec.train.loop_parts import (
+    LoopConfig,
+    capture_rng,
+    evaluate,
+    freeze,
+    load_pretrained_weights,
+    restore_rng,
+    seed_everything,
+    to_device,
+)
+
+__all__ = ["train"]
+
+LOG = logging.getLogger("encdec.train")
+
+
+def train(
+    *,
+    task: str,
+    model: Mapping[str, Any],
+    loss: Mapping[str, Any],
+    data: Mapping[str, Any],
+    optim: Mapping[str, Any],
+    train: Mapping[str, Any],
+    seed: int,
+    run_dir: str,
+    resume: str | None = None,
+    report: Callable[[dict[str, Any], str | None], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Train a model as the recipe describes; every rank of the job calls this.
+
+    Args:
+        task: ``segmentation`` | ``regression`` | ``classification`` | ``scalar_regression``.
+        model: the recipe's ``model:`` section (``build_model`` keyword arguments).
+        loss: the ``loss:`` section (``encdec.train.losses``).
+        data: the ``data:`` section (``encdec.data.build_iterator``).
+        optim: the ``optim:`` section (``encdec.train.optim``; ``grad_clip``, ``grad_accum``).
+        train: the ``train:`` section (``encdec.train.loop_parts.LoopConfig``).
+        seed: run seed (model init, data order, augmentation).
+        run_dir: this run's directory (shared by all ranks); checkpoints go to ``<run_dir>/checkpoints`` and rank
+            0 appends every report to ``<run_dir>/metrics.jsonl``.
+        resume: a checkpoint directory, or a run directory whose latest complete checkpoint to continue from.
+        report: called on every rank with ``(metrics, checkpoint_dir or None)`` at each log step and checkpoint.
+        stop_requested: polled once per step; when it returns True on any rank, all ranks checkpoint and return.
+
+    Returns:
+        The last metrics reported (train and, if there was validation, val), with ``step`` and ``checkpoint``.
+    """
+    import torch.distributed as dist
+
+    from encdec.data import build_iterator
+    from encdec.distributed import init_process_group, make_strategy
+    from encdec.models import build_model
+    from encdec.train.checkpoint import CheckpointManager, find_latest_checkpoint, is_complete
+    from encdec.train.losses import build_loss
+    from encdec.train.metrics import all_reduce_sum
+    from encdec.train.optim import check_optim_cfg, lr_at, set_lr
+    from encdec.train.precision import resolve_precision, store_for_autocast
+
+    cfg = LoopConfig.from_section(train)
+    check_optim_cfg(optim)
+    grad_accum = int(optim.get("grad_accum", 1))
+    max_norm = optim.get("grad_clip")
+    loss_fn = build_loss(task, loss)  # before anything heavy: a bad loss section fails in a second
+    run_path = Path(run_dir)
+
+    # -- process group and strategy -----------------------------------------------------------------------
+    init_process_group()
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    strategy = make_strategy(cfg.strategy, **cfg.strategy_options(model, data, grad_accum, world))
+    rank, world = strategy.rank, strategy.world_size
+    precision = resolve_precision(cfg.precision, strategy.device)
+
+    # -- 1-4. build, load pretrained, (split qkv + PEFT inside build_model) --------------------------------
+    seed_everything(seed)
+    net = build_model(task, **model)
+    load_pretrained_weights(net)
+    # -- 5. trainable set -----------------------------------------------------------------------------------
+    trainable, total = freeze(net, freeze_backbone=cfg.freeze_backbone, freeze_decoder=cfg.freeze_decoder)
+    # -- 6. precision storage: frozen weights never change, so keep them in the compute dtype once (under
+    # autocast; FSDP2's mixed-precision policy and DeepSpeed's bf16 mode manage parameter dtypes themselves)
+    if cfg.strategy in ("none", "ddp"):
+        store_for_autocast(net, precision)
+    # -- 8. compile each sharding unit in place (names and state-dict keys stay the same) ---------------------
+    if cfg.compile:
+        for unit in net.sharding_units():  # type: ignore[operator]
+            unit.compile()
+    # -- 7, 9, 10. activation checkpointing, shard, optimizer over trainable parameters ------------------------
+    strategy.setup(net, optim, precision=precision, grad_accum=grad_accum,
+                   activation_checkpointing=cfg.activation_checkpointing)
+    if rank == 0:
+        LOG.info("model: %s trainable of %s parameters; strategy %s x%d; precision %s; grad_accum %d",
+                 f"{trainable:,}", f"{total:,}", cfg.strategy, world, precision, grad_accum)
+
+    # -- data, checkpoints, resume ------------------------------------------------------------------------------
+    train_iter = build_iterator(data, split="train", rank=rank, world_size=world, grad_accum=grad_accum, seed=seed)
+    val_iter = (build_iterator(data, split="val", rank=rank, world_size=world, grad_accum=1, seed=seed)
+                if data.get("val") and cfg.val_every else None)
+    max_steps = cfg.max_steps or cfg.epochs * train_iter.steps_per_epoch
+    ckpts = CheckpointManager(run_path / "checkpoints", keep_last=cfg.keep_last,
+                              best_metric=cfg.best_metric(task), best_mode=cfg.best_mode(task))
+    step = 0
+    resume_from = None
+    if resume:
+        candidate = Path(resume)
+        resume_from = candidate if is_complete(candidate) else find_latest_checkpoint(candidate / "checkpoints")
+        if resume_from is None:
+            raise FileNotFoundError(f"resume={resume!r} is neither a complete checkpoint nor a run directory with one")
+    if rank == 0:
+        ckpts.cleanup_partial()
+    if resume_from is not None:
+        extra = strategy.load(resume_from)
+        step = int(extra["step"])
+        train_iter.load_state_dict(extra["data"])
+        restore_rng(extra.get("rng"), same_world=extra.get("world_size") == world, seed=seed, rank=rank, step=step)
+        if rank == 0:
+            LOG.info("resumed from %s at step %d", resume_from, step)
+    else:
+        seed_everything(seed, rank=rank)  # dropout/drop-path streams differ per rank
+
+    def emit(metrics: dict[str, Any], ckpt: Path | None = None) -> None:
+        if rank == 0:
+            with open(run_path / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        if report is not None:
+            report(dict(metrics), str(ckpt) if ckpt is not None else None)
+
+    def save(metrics: Mapping[str, float] | None = None, data_state: dict[str, Any] | None = None) -> Path:
+        extra = {"data": data_state or train_iter.state_dict(), "rng": capture_rng(), "world_size": world}
+        return ckpts.save(strategy, step, extra, metrics)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    run_path.mkdir(parents=True, exist_ok=True)
+    batches: Iterator[dict[str, Any]] = iter(train_iter)
+    last: dict[str, Any] = {"step": step}
+    last_ckpt: Path | None = None
+    window = _Window()
+    data_state = train_iter.state_dict()
+    stopped = False
+    strategy.model.train()
+    while step < max_steps:
+        # a global step's micro-batches are read first: their normalisers are needed before the first backward
+        data_state = train_iter.state_dict()  # the position to resume from if this step is not taken
+        t0 = time.perf_counter()
+        micro = [to_device(next(batches), strategy.device) for _ in range(grad_accum)]
+        window.wait += time.perf_counter() - t0
+        local_norms = torch.stack([loss_fn.normalizers(b) for b in micro]).sum(dim=0)
+        stop_flag = torch.tensor([1.0 if stop_requested is not None and stop_requested() else 0.0], dtype=torch.float64)
+        shared = all_reduce_sum(torch.cat([local_norms, stop_flag]))
+        if shared[-1] > 0:  # any rank was asked to stop: all checkpoint this position and return together
+            stopped = True
+            break
+        norms = shared[:-1]
+        set_lr(strategy.optimizer, lr_at(step, optim, max_steps))
+        step_loss = torch.zeros(1, dtype=torch.float64)
+        for i, batch in enumerate(micro):
+            with strategy.no_sync(is_last_micro=i == grad_accum - 1):
+                with strategy.autocast():
+                    out = strategy.model(batch["image"], **_encoder_kwargs(batch))
+                part = loss_fn.combine(loss_fn.sums(out, batch), norms)
+                # the strategy divides by grad_accum and averages over ranks; undo both so gradients add up
+                strategy.backward(part * (grad_accum * world))
+            step_loss += part.detach().double().cpu()
+        grad_norm = strategy.step(max_norm)
+        step += 1
+        window.loss += step_loss
+        window.steps += 1
+
+        if step % cfg.log_every == 0 or step == max_steps:
+            elapsed = time.perf_counter() - window.start
+            loss_sum = float(all_reduce_sum(window.loss.clone()))  # each rank holds its share of every loss
+            last = {
+                "step": step,
+                "epoch": train_iter.state_dict()["epoch"],
+                "train/loss": loss_sum / window.steps,
+                "train/lr": lr_at(step - 1, optim, max_steps),
+                "train/grad_norm": grad_norm,
+                "train/tiles_per_s": window.steps * int(data["global_batch_size"]) / elapsed,
+                "train/data_wait_pct": 100.0 * window.wait / elapsed,
+                "train/step_time_s": elapsed / window.steps,
+            }
+            if rank == 0:
+                LOG.info("step %d/%d loss %.5f lr %.3g tiles/s %.1f data-wait %.0f%%", step, max_steps,
+                         last["train/loss"], last["train/lr"], last["train/tiles_per_s"], last["train/data_wait_pct"])
+            emit(last)
+            window = _Window()
+
+        val: dict[str, float] = {}
+        if val_iter is not None and (step % cfg.val_every == 0 or step == max_steps):
+            val = evaluate(strategy, val_iter, loss_fn, task=task, num_classes=model.get("num_classes"),
+                           data_cfg=data)
+            last = {**last, **val, "step": step}
+            if rank == 0:
+                LOG.info("step %d val %s", step, {k: round(v, 5) for k, v in val.items() if not k.startswith("val/IoU_")})
+        is_best = bool(val) and ckpts.best_metric in val and _improves(val[ckpts.best_metric], ckpts)
+        if step % cfg.ckpt_every == 0 or step == max_steps or is_best:
+            last_ckpt = save(val or None)
+            emit({**last, "checkpoint": str(last_ckpt)}, last_ckpt)
+        elif val:
+            emit(last)
+
+    if stopped and (last_ckpt is None or ckpts.path_for(step) != last_ckpt):
+        last_ckpt = save(data_state=data_state)
+        emit({**last, "step": step, "stopped": True, "checkpoint": str(last_ckpt)}, last_ckpt)
+    train_iter.close()
+    if val_iter is not None:
+        val_iter.close()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return {**last, "step": step, "checkpoint": str(last_ckpt) if last_ckpt else None, "stopped": stopped,
+            "best": ckpts.best_info()}
+
+
+@dataclass
+class _Window:
+    """What the loop accumulates between two log steps."""
+
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.float64))
+    steps: int = 0
+    wait: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def _encoder_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """Coordinates the data carries go to encoders that take them (Prithvi ``_tl``)."""
+    return {k: batch[k] for k in ("temporal_coords", "location_coords") if k in batch}
+
+
+def _improves(value: float, ckpts: Any) -> bool:
+    best = ckpts.best_info()
+    if math.isnan(value):
+        return False
+    if best is None:
+        return True
+    return value > best["value"] if ckpts.best_mode == "max" else value < best["value"]

@@ -1,0 +1,213 @@
+"""The training recipe (``encdec.train.loop.train``) on 2 real gloo processes against one process.
+
+Every run reads the same synthetic GeoTIFF tiles through the real data pipeline, with the same global batch.
+Models have no batch statistics (GroupNorm / LayerNorm), so in fp32 the sharded runs must reproduce the
+single-process loss curve to 1e-5 relative. Runs are 20 optimizer steps as the issue asks; tiny models on 32 px
+tiles keep each test well under a minute and a half on 2 cores.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _spawn import run_distributed
+
+pytestmark = pytest.mark.distributed
+
+STEPS = 20
+BANDS = ["BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"]
+MODELS: dict[str, dict[str, Any]] = {
+    # tiny Prithvi (4 transformer blocks = FSDP units) with LoRA on q/v + learned pyramid + UperNet
+    "prithvi_lora_upernet": {
+        "backbone": "prithvi_eo_tiny",
+        "backbone_bands": BANDS,
+        "backbone_img_size": 32,
+        "necks": [
+            {"name": "SelectIndices", "indices": [0, 1, 2, 3]},
+            {"name": "ReshapeTokensToImage"},
+            {"name": "LearnedInterpolateToPyramidal", "norm": "group"},
+        ],
+        "decoder": "UperNetDecoder",
+        "decoder_channels": 16,
+        "decoder_norm": "layer",  # GroupNorm in the 1x1 pooling branch normalises 1-2 values: ill-conditioned
+        "head_norm": "group",
+        "num_classes": 2,
+        "peft_config": {
+            "method": "LORA",
+            "replace_qkv": "qkv",
+            "peft_config_kwargs": {"target_modules": ["qkv.q_linear", "qkv.v_linear"], "r": 4, "lora_alpha": 8},
+        },
+    },
+    # timm CNN (LayerNorm) + smp Unet decoder without norms
+    "timm_smp_unet": {
+        "backbone": "timm_test_convnext",
+        "backbone_in_chans": 6,
+        "decoder": "smp_Unet",
+        "decoder_decoder_channels": [16, 16, 8],
+        "decoder_decoder_use_norm": "identity",
+        "head_norm": "group",
+        "num_classes": 2,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    from encdec.data.synthetic import write_tiles
+
+    root = tmp_path_factory.mktemp("tiles")
+    return {
+        "train": str(write_tiles(root / "train", 16, img_size=32, seed=0)),
+        "val": str(write_tiles(root / "val", 6, img_size=32, seed=1)),
+    }
+
+
+def _sections(tiles: dict[str, str], *, model: str, strategy: str = "none", grad_accum: int = 1,
+              precision: str = "fp32", zero_stage: int = 3, val: bool = False, **train_extra: Any) -> dict[str, Any]:
+    data = {"train": {"tiles": tiles["train"]}, "img_size": 32, "global_batch_size": 4, "bands": BANDS,
+            "reader": {"threads": 1, "prefetch_batches": 1}}
+    if val:
+        data["val"] = {"tiles": tiles["val"]}
+    return {
+        "task": "segmentation",
+        "model": MODELS[model],
+        "loss": {"name": "ce", "ignore_index": -1},
+        "data": data,
+        "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 2, "grad_clip": 1.0,
+                  "grad_accum": grad_accum},
+        "train": {"max_steps": STEPS, "precision": precision, "strategy": strategy, "zero_stage": zero_stage,
+                  "log_every": 1, "ckpt_every": 100, "val_every": 4 if val else 0, **train_extra},
+        "seed": 0,
+    }
+
+
+def _train(rank: int, world: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run each training in turn on this rank; return the per-step losses and the final metrics of each."""
+    from encdec.train.loop import train
+
+    results = []
+    for run in runs:
+        run = dict(run)
+        stop_after = run.pop("stop_after", None)
+        losses: dict[int, float] = {}
+        steps_started = itertools.count()
+
+        def report(metrics: dict[str, Any], ckpt: str | None, losses: dict[int, float] = losses) -> None:
+            if "train/loss" in metrics:
+                losses[int(metrics["step"])] = float(metrics["train/loss"])
+
+        def stop(counter: Any = steps_started, limit: Any = stop_after) -> bool:
+            return limit is not None and next(counter) >= limit
+
+        final = train(**run, report=report, stop_requested=stop)
+        results.append({"losses": [losses[s] for s in sorted(losses)], "first_step": min(losses, default=None),
+                        "final": final})
+    return results
+
+
+def _close(a: list[float], b: list[float], rel: float) -> None:
+    assert len(a) == len(b), (len(a), len(b))
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= rel * abs(y), f"step {i + 1}: {x!r} vs {y!r} (rel {abs(x - y) / abs(y):.2e} > {rel})"
+
+
+@pytest.fixture(scope="module")
+def reference(tiles: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
+    """Single-process fp32 curves (global batch 4 in one micro-batch) of each model."""
+    root = tmp_path_factory.mktemp("reference")
+    runs = [{**_sections(tiles, model=m), "run_dir": str(root / m)} for m in MODELS]
+    out = run_distributed(_train, 1, runs, timeout_s=300)[0]
+    return {m: r["losses"] for m, r in zip(MODELS, out)}
+
+
+def test_reference_trains(reference: dict[str, list[float]]) -> None:
+    for name, losses in reference.items():
+        assert len(losses) == STEPS
+        assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, f"{name} did not train: {losses}"
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_accumulation_equals_one_big_batch(model: str, tiles: dict[str, str], reference: dict[str, list[float]],
+                                           tmp_path: Path) -> None:
+    """k=4 micro-batches of 1 sample in one process == one batch of 4 (ignored pixels differ per sample)."""
+    run = {**_sections(tiles, model=model, grad_accum=4), "run_dir": str(tmp_path / "run")}
+    out = run_distributed(_train, 1, [run], timeout_s=300)[0][0]
+    _close(out["losses"], reference[model], 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "zero_stage", "grad_accum"),
+    [("ddp", 3, 1), ("fsdp", 3, 2), ("deepspeed", 2, 1), ("deepspeed", 3, 2)],
+    ids=["ddp", "fsdp2-accum2", "zero2", "zero3-accum2"],
+)
+def test_two_ranks_match_single_process(strategy: str, zero_stage: int, grad_accum: int, tiles: dict[str, str],
+                                        reference: dict[str, list[float]], tmp_path: Path) -> None:
+    runs = [
+        {**_sections(tiles, model=m, strategy=strategy, zero_stage=zero_stage, grad_accum=grad_accum),
+         "run_dir": str(tmp_path / m)}
+        for m in MODELS
+    ]
+    per_rank = run_distributed(_train, 2, runs, timeout_s=600)
+    for i, model in enumerate(MODELS):
+        assert per_rank[0][i]["losses"] == per_rank[1][i]["losses"]  # every rank reports the global loss
+        _close(per_rank[0][i]["losses"], reference[model], 1e-5)
+
+
+def test_stop_and_resume_equals_uninterrupted_also_at_world_size_1(
+    tiles: dict[str, str], reference: dict[str, list[float]], tmp_path: Path
+) -> None:
+    """FSDP2 at 2 ranks: a stop request after step 10 checkpoints and returns; resuming gives steps 11-20 of the
+    uninterrupted run, at 2 ranks (FSDP2) and at 1 rank (the same checkpoint resharded by DCP)."""
+    model = "prithvi_lora_upernet"
+    run_dir = str(tmp_path / "run")
+    first = {**_sections(tiles, model=model, strategy="fsdp", val=True), "run_dir": run_dir, "stop_after": 10}
+    again = {**_sections(tiles, model=model, strategy="fsdp", val=True), "run_dir": run_dir, "resume": run_dir}
+    stopped, resumed = run_distributed(_train, 2, [first, again], timeout_s=600)[0]
+    assert stopped["final"]["stopped"] and stopped["final"]["step"] == 10
+    assert Path(stopped["final"]["checkpoint"]).name == "step_00000010"
+    _close(stopped["losses"], reference[model][:10], 1e-5)
+    assert resumed["first_step"] == 11 and resumed["final"]["step"] == STEPS
+    _close(resumed["losses"], reference[model][10:], 1e-5)
+    # periodic validation ran and the best checkpoint is recorded
+    assert resumed["final"]["best"]["metric"] == "val/mIoU"
+    assert 0.0 <= resumed["final"]["val/mIoU"] <= 1.0
+
+    ckpt10 = str(Path(run_dir) / "checkpoints" / "step_00000010")
+    single = {**_sections(tiles, model=model, strategy="none", val=True), "run_dir": str(tmp_path / "single"),
+              "resume": ckpt10}
+    out = run_distributed(_train, 1, [single], timeout_s=300)[0][0]
+    assert out["first_step"] == 11
+    _close(out["losses"], reference[model][10:], 1e-5)
+    # validation over 6 tiles split 3 + 3 (padded batches) across 2 ranks == one process over all 6
+    two, one = resumed["final"], out["final"]
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-5)
+    assert two["val/mIoU"] == pytest.approx(one["val/mIoU"], abs=1e-3)  # a near-tie pixel may flip its argmax
+
+
+def test_bf16_trains_close_to_fp32(tiles: dict[str, str], reference: dict[str, list[float]], tmp_path: Path) -> None:
+    """bf16 with frozen base weights stored in bf16 (strategy none, and DDP at 2 ranks) and with FSDP2's
+    mixed-precision policy at 2 ranks: the loss falls and every step stays within 5% of the fp32 curve (measured:
+    at most 4% at step 1, under 1% from step 2 on)."""
+    model = "prithvi_lora_upernet"
+    single = {**_sections(tiles, model=model, precision="bf16"), "run_dir": str(tmp_path / "bf16")}
+    sharded = [{**_sections(tiles, model=model, strategy=s, precision="bf16"), "run_dir": str(tmp_path / s)}
+               for s in ("ddp", "fsdp")]
+    one = run_distributed(_train, 1, [single], timeout_s=300)[0][0]["losses"]
+    two = [r["losses"] for r in run_distributed(_train, 2, sharded, timeout_s=600)[0]]
+    for losses in (one, *two):
+        assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
+        _close(losses, reference[model], 0.05)
+
+
+def test_batchnorm_model_trains_on_two_ranks(tiles: dict[str, str], tmp_path: Path) -> None:
+    """BatchNorm (TerraTorch's default norm) sees a different batch per rank, so no exact parity: it must train."""
+    spec = dict(MODELS["prithvi_lora_upernet"])
+    spec["necks"] = [*spec["necks"][:2], {"name": "LearnedInterpolateToPyramidal", "norm": "batch"}]
+    spec.update(decoder_norm="batch", head_norm="batch")
+    run = {**_sections(tiles, model="prithvi_lora_upernet", strategy="ddp"), "run_dir": str(tmp_path / "bn")}
+    run["model"] = spec
+    losses = run_distributed(_train, 2, [run], timeout_s=300)[0][0]["losses"]
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
