@@ -121,6 +121,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         activation_checkpointing=cfg["activation_checkpointing"],
     )
     setup_s = time.perf_counter() - t0
+    rss_setup = RssSampler()._rss()
     dev = strategy.device
     g = torch.Generator().manual_seed(rank)
     x = torch.randn(cfg["micro_batch"], 6, cfg["img_size"], cfg["img_size"], generator=g).to(dev)
@@ -155,6 +156,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         "rss_step_peak_gib": rss.peak / 2**30,
         "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "setup_s": setup_s,
+        "rss_after_setup_gib": rss_setup / 2**30,
         "params": total,
         "trainable": trainable,
     }
@@ -192,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             r = max(ranks, key=lambda d: d["rss_step_peak_gib"])
             print(f"{mode:4} {strat:5} step {statistics.median(d['step_s'] for d in ranks):6.2f} s wall "
                   f"{statistics.median(d['cpu_s'] for d in ranks):6.2f} s CPU  "
-                  f"RSS step peak {r['rss_step_peak_gib']:5.2f} GiB  lifetime {r['ru_maxrss_gib']:5.2f} GiB  "
+                  f"RSS after setup {r['rss_after_setup_gib']:5.2f} GiB, step peak {r['rss_step_peak_gib']:5.2f} GiB, "
+                  f"lifetime {r['ru_maxrss_gib']:5.2f} GiB  "
                   f"trainable {r['trainable'] / 1e6:.1f}M / {r['params'] / 1e6:.1f}M", flush=True)
 
     print("\n| mode | strategy | step wall (s) | step CPU (s) | per-worker RSS, steps (GiB) | "

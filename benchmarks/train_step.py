@@ -52,14 +52,27 @@ MODEL_ARGS: dict[str, Any] = {
     },
 }
 BATCH = (2, 6, 224, 224)
+# name: (implementation, precision, option: "" | "ac" (activation checkpointing) | "compile" (torch.compile of each
+# sharding unit, as train.compile does)). ``terratorch-fp32`` is TerraTorch as shipped:
+# importing it runs ``torch.set_float32_matmul_precision("medium")`` (terratorch/models/backbones/clay_v15/model.py),
+# which on a CPU with AMX/AVX-512-BF16 makes oneDNN compute fp32 matmuls in bf16; ``terratorch-fp32-highest``
+# restores true fp32 matmuls after the import.
 CONFIGS = {
-    "encdec-fp32": ("encdec", "fp32", False),
-    "encdec-fp32-ac": ("encdec", "fp32", True),
-    "encdec-bf16": ("encdec", "bf16", False),
-    "encdec-bf16-ac": ("encdec", "bf16", True),
-    "terratorch-fp32": ("terratorch", "fp32", False),
-    "terratorch-bf16": ("terratorch", "bf16", False),
+    "encdec-fp32": ("encdec", "fp32", ""),
+    "encdec-fp32-ac": ("encdec", "fp32", "ac"),
+    "encdec-bf16": ("encdec", "bf16", ""),
+    "encdec-bf16-ac": ("encdec", "bf16", "ac"),
+    "encdec-bf16-compile": ("encdec", "bf16", "compile"),
+    "terratorch-fp32": ("terratorch", "fp32", ""),
+    "terratorch-fp32-highest": ("terratorch", "fp32-highest", ""),
+    "terratorch-bf16": ("terratorch", "bf16", ""),
 }
+# configurations measured side by side (one step each in turn); at most three 300M models in memory at once
+GROUPS = [
+    ("encdec-fp32", "terratorch-fp32-highest", "terratorch-fp32"),
+    ("encdec-bf16", "terratorch-bf16", "encdec-bf16-compile"),
+    ("encdec-fp32-ac", "encdec-bf16-ac"),
+]
 
 
 def _peak_rss_gb() -> float:
@@ -73,7 +86,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _encdec_step(precision: str, activation_checkpointing: bool) -> tuple[Any, int, int]:
+def _encdec_step(precision: str, option: str) -> tuple[Any, int, int]:
     from encdec import build_model
     from encdec.distributed import make_strategy
     from encdec.train.losses import build_loss
@@ -82,9 +95,12 @@ def _encdec_step(precision: str, activation_checkpointing: bool) -> tuple[Any, i
     torch.manual_seed(0)
     model = build_model("segmentation", **MODEL_ARGS)
     store_for_autocast(model, precision)  # as the loop does for strategies none/ddp
+    if option == "compile":
+        for unit in model.sharding_units():
+            unit.compile()
     strategy = make_strategy("none")
     strategy.setup(model, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05}, precision=precision, grad_accum=1,
-                   activation_checkpointing=activation_checkpointing)
+                   activation_checkpointing=option == "ac")
     loss_fn = build_loss("segmentation", {"name": "ce", "ignore_index": -1})
     x, y = _batch()
     batch = {"image": x, "mask": y}
@@ -101,12 +117,14 @@ def _encdec_step(precision: str, activation_checkpointing: bool) -> tuple[Any, i
     return step, trainable, sum(p.numel() for p in model.parameters())
 
 
-def _terratorch_step(precision: str, activation_checkpointing: bool) -> tuple[Any, int, int]:
+def _terratorch_step(precision: str, option: str) -> tuple[Any, int, int]:
     import torch.nn.functional as F
     from terratorch.models import EncoderDecoderFactory
 
-    if activation_checkpointing:
-        raise SystemExit("activation checkpointing is not measured for TerraTorch")
+    if option:
+        raise SystemExit(f"option {option!r} is not measured for TerraTorch")
+    if precision == "fp32-highest":
+        torch.set_float32_matmul_precision("highest")  # undo the import-time "medium" (see CONFIGS)
     torch.manual_seed(0)
     model = EncoderDecoderFactory().build_model(task="segmentation", **MODEL_ARGS)
     model.train()
@@ -129,20 +147,22 @@ def _terratorch_step(precision: str, activation_checkpointing: bool) -> tuple[An
     return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
 
 
-def _build(impl: str, precision: str, ac: bool, threads: int) -> tuple[Any, dict[str, Any]]:
+def _build(impl: str, precision: str, option: str, threads: int) -> tuple[Any, dict[str, Any]]:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    step, trainable, total = (_encdec_step if impl == "encdec" else _terratorch_step)(precision, ac)
-    return step, {"impl": impl, "precision": precision, "activation_checkpointing": ac, "threads": threads,
+    step, trainable, total = (_encdec_step if impl == "encdec" else _terratorch_step)(precision, option)
+    return step, {"impl": impl, "precision": precision, "option": option, "threads": threads,
                   "build_s": time.perf_counter() - t0, "trainable": trainable, "params": total,
-                  "torch": torch.__version__}
+                  "torch": torch.__version__, "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
-def serve(impl: str, precision: str, ac: bool, threads: int) -> None:
+def serve(impl: str, precision: str, option: str, threads: int) -> None:
     """Worker: build, warm up, then run one step per ``step`` line on stdin, answering a JSON line each;
     ``done`` answers the peak RSS and exits. Lets the parent interleave two implementations step by step."""
-    step, info = _build(impl, precision, ac, threads)
-    step()  # warm-up: first-call allocations and kernel selection
+    step, info = _build(impl, precision, option, threads)
+    t0 = time.perf_counter()
+    step()  # warm-up: first-call allocations, kernel selection (and compilation)
+    info["first_step_s"] = time.perf_counter() - t0
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         if line.strip() == "step":
@@ -159,7 +179,7 @@ def count_flops(threads: int) -> int:
     """FLOPs of one encdec fp32 step (matmuls, convolutions, attention) by ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    step, _ = _build("encdec", "fp32", False, threads)
+    step, _ = _build("encdec", "fp32", "", threads)
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -186,9 +206,9 @@ class _Worker:
     """A ``serve`` subprocess."""
 
     def __init__(self, python: str, name: str, threads: int) -> None:
-        impl, precision, ac = CONFIGS[name]
+        impl, precision, option = CONFIGS[name]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [python, __file__, "--serve", impl, precision, "1" if ac else "0", "--threads", str(threads)]
+        cmd = [python, __file__, "--serve", impl, precision, option or "-", "--threads", str(threads)]
         self.name = name
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.info = self._read()
@@ -233,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tt-python", default="/work/tt-venv/bin/python", help="python of the TerraTorch venv")
     parser.add_argument("--out", help="write all results as JSON here")
-    parser.add_argument("--serve", nargs=3, metavar=("IMPL", "PRECISION", "AC"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=3, metavar=("IMPL", "PRECISION", "OPTION"), help=argparse.SUPPRESS)
     parser.add_argument("--flops", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.serve:
-        impl, precision, ac = args.serve
-        serve(impl, precision, ac == "1", args.threads)
+        impl, precision, option = args.serve
+        serve(impl, precision, "" if option == "-" else option, args.threads)
         return 0
     if args.peak:
         print(json.dumps(matmul_peak(args.threads)))
@@ -256,38 +276,40 @@ def main(argv: list[str] | None = None) -> int:
     flops = results["flops_per_step"] = _child_json(["--flops"], args.threads)
     print(f"FLOPs per step (FlopCounterMode): {flops / 1e9:.0f} GFLOP", flush=True)
 
-    names = list(args.only or CONFIGS)
-    # configurations of one precision run side by side, one step each in turn, so load from other jobs on a shared
-    # machine hits both alike; peak RSS stays per process
-    for precision in ("fp32", "bf16"):
-        group = [n for n in names if CONFIGS[n][1] == precision]
-        if any(CONFIGS[n][0] == "terratorch" for n in group) and not os.path.exists(args.tt_python):
+    names = set(args.only or CONFIGS)
+    for group in GROUPS:
+        wanted = [n for n in group if n in names]
+        if any(CONFIGS[n][0] == "terratorch" for n in wanted) and not os.path.exists(args.tt_python):
             print(f"TerraTorch skipped: {args.tt_python} not found")
-            group = [n for n in group if CONFIGS[n][0] != "terratorch"]
-        if not group:
+            wanted = [n for n in wanted if CONFIGS[n][0] != "terratorch"]
+        if not wanted:
             continue
         workers = [_Worker(args.tt_python if CONFIGS[n][0] == "terratorch" else sys.executable, n, args.threads)
-                   for n in group]
+                   for n in wanted]
         for _ in range(args.steps):
             for w in workers:
                 w.step()
         for w in workers:
             r = results[w.name] = w.finish()
+            dtype = "bf16" if CONFIGS[w.name][1] == "bf16" or r["float32_matmul_precision"] != "highest" else "fp32"
             r["gflops_per_s"] = flops / r["min_s"] / 1e9
-            r["of_peak"] = flops / r["min_s"] / peak[precision]
-            print(f"{w.name:16s} step median {r['median_s']:.2f} s, best {r['min_s']:.2f} s (CPU {r['median_cpu_s']:.2f} s)"
+            r["of_peak"] = flops / r["min_s"] / peak[dtype]
+            print(f"{w.name:24s} step median {r['median_s']:.2f} s, best {r['min_s']:.2f} s (CPU {r['median_cpu_s']:.2f} s)"
                   f"  peak RSS {r['peak_rss_gb']:.2f} GB  {r['gflops_per_s']:.0f} GFLOP/s = {100 * r['of_peak']:.0f}% of "
-                  f"{precision} peak  loss {r['runs'][-1]['loss']:.4f}", flush=True)
-    for precision in ("fp32", "bf16"):
-        ours, theirs = results.get(f"encdec-{precision}"), results.get(f"terratorch-{precision}")
+                  f"{dtype} matmul peak  fp32 matmuls: {r['float32_matmul_precision']}  loss {r['runs'][-1]['loss']:.4f}",
+                  flush=True)
+    for ours_name, theirs_name in (("encdec-fp32", "terratorch-fp32-highest"), ("encdec-fp32", "terratorch-fp32"),
+                                   ("encdec-bf16", "terratorch-bf16"), ("encdec-bf16-compile", "terratorch-bf16"),
+                                   ("encdec-bf16", "terratorch-fp32")):
+        ours, theirs = results.get(ours_name), results.get(theirs_name)
         if ours and theirs:
+            paired = any(ours_name in g and theirs_name in g for g in GROUPS)
             pairs = [t["wall"] / o["wall"] for o, t in zip(ours["runs"], theirs["runs"])]
-            print(f"{precision}: TerraTorch/encdec step time {statistics.median(pairs):.2f}x (median of paired steps), "
-                  f"best-vs-best {theirs['min_s'] / ours['min_s']:.2f}x; peak RSS ratio "
-                  f"{ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}")
-    if "encdec-bf16" in results and "terratorch-fp32" in results:
-        print(f"encdec bf16 vs TerraTorch fp32: {results['terratorch-fp32']['min_s'] / results['encdec-bf16']['min_s']:.2f}x "
-              "(best steps)")
+            cpu = [t["cpu"] / o["cpu"] for o, t in zip(ours["runs"], theirs["runs"])]
+            note = (f"{statistics.median(pairs):.2f}x median of paired steps (CPU {statistics.median(cpu):.2f}x), "
+                    if paired else "")
+            print(f"{theirs_name} / {ours_name} step time: {note}{theirs['min_s'] / ours['min_s']:.2f}x best vs best; "
+                  f"peak RSS {ours['peak_rss_gb'] / theirs['peak_rss_gb']:.2f}x theirs")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ class TorchStrategy(Strategy):
             "precision": self.precision,
             "step": extra.get("step"),
         }
-        with atomic_checkpoint_dir(ckpt_dir, rank=self.rank, barrier=self.barrier, meta=meta) as tmp:
+        with atomic_checkpoint_dir(ckpt_dir, rank=self.rank, barrier=self.barrier, meta=meta) as tmp, _one_process():
             dcp.save(state, checkpoint_id=str(tmp / "state"))
             save_extra(tmp, self.rank, extra)
 
@@ -184,7 +185,8 @@ class TorchStrategy(Strategy):
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=options)
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         try:
-            dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "state"))
+            with _one_process():
+                dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "state"))
         except Exception as e:  # DCP raises a bare RuntimeError listing missing keys
             raise CheckpointError(
                 f"checkpoint {str(ckpt_dir)!r} does not fit this model/optimizer (adapter_only={adapter_only}): {e}"
@@ -210,6 +212,14 @@ class TorchStrategy(Strategy):
         if self.rank != 0:
             return None
         return {k: _plain(v) for k, v in sd.items()}
+
+
+@contextlib.contextmanager
+def _one_process() -> Iterator[None]:
+    """Silence DCP's warning that it runs without a process group: one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _plain(t: Any) -> Any:

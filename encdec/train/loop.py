@@ -90,7 +90,7 @@ def train(
     from encdec.train.losses import build_loss
     from encdec.train.metrics import all_reduce_sum
     from encdec.train.optim import check_optim_cfg, lr_at, set_lr
-    from encdec.train.precision import resolve_precision, store_for_autocast
+    from encdec.train.precision import pin_fp32_matmuls, resolve_precision, store_for_autocast
 
     cfg = LoopConfig.from_section(train)
     check_optim_cfg(optim)
@@ -105,6 +105,9 @@ def train(
     strategy = make_strategy(cfg.strategy, **cfg.strategy_options(model, data, grad_accum, world))
     rank, world = strategy.rank, strategy.world_size
     precision = resolve_precision(cfg.precision, strategy.device)
+    lowered = pin_fp32_matmuls(precision)
+    if lowered and rank == 0:
+        LOG.warning("fp32 matmul precision was %r (set by an import); reset to 'highest' for precision fp32", lowered)
 
     # -- 1-4. build, load pretrained, (split qkv + PEFT inside build_model) --------------------------------
     seed_everything(seed)

@@ -24,6 +24,7 @@ __all__ = [
     "cpu_has_bf16",
     "cast_frozen_weights",
     "make_grad_scaler",
+    "pin_fp32_matmuls",
     "resolve_precision",
     "skip_adapter_input_casts",
     "store_for_autocast",
@@ -80,6 +81,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             "(or 'auto', which picks bf16 where the CPU has AVX-512-BF16/AMX)"
         )
     return precision
+
+
+def pin_fp32_matmuls(precision: str) -> str | None:
+    """Make ``fp32`` mean fp32: set ``torch.set_float32_matmul_precision("highest")`` and return the previous
+    setting if it was lower (else None).
+
+    The setting is global and any import may change it: importing TerraTorch runs
+    ``torch.set_float32_matmul_precision("medium")``, which lets oneDNN compute fp32 matmuls in bf16 on CPUs with
+    AMX/AVX-512-BF16 (and TF32/bf16 on recent GPUs). Reduced-precision matmuls are what ``bf16`` is for.
+    """
+    if precision != "fp32":
+        return None
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    return previous if previous != "highest" else None
 
 
 def compute_dtype(precision: str) -> torch.dtype:

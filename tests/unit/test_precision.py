@@ -74,3 +74,16 @@ def test_store_for_autocast_on_a_lora_model_keeps_the_bf16_result() -> None:
     with P.autocast("bf16", torch.device("cpu")):
         out = model(x).float()
     torch.testing.assert_close(out, ref)
+
+
+def test_fp32_means_fp32_matmuls() -> None:
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # what importing TerraTorch does
+        assert P.pin_fp32_matmuls("fp32") == "medium"
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert P.pin_fp32_matmuls("fp32") is None
+        torch.set_float32_matmul_precision("medium")
+        assert P.pin_fp32_matmuls("bf16") is None and torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
