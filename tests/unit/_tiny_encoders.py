@@ -50,19 +50,25 @@ class TinyViT(nn.Module):
 
 
 class TinyPyramid(nn.Module):
-    """Four conv stages at strides 4, 8, 16, 32 with channels ``[w, 2w, 3w, 4w]``."""
+    """Conv stages returning one map per stage; by default strides 4, 8, 16, 32 with channels ``[w, 2w, 3w, 4w]``.
 
-    def __init__(self, in_chans: int = 3, width: int = 8) -> None:
+    ``chans`` and ``strides`` (per stage, relative to the previous stage) give other pyramids.
+    """
+
+    def __init__(self, in_chans: int = 3, width: int = 8, chans: list[int] | None = None,
+                 strides: list[int] | None = None) -> None:
         super().__init__()
-        chans = [width, 2 * width, 3 * width, 4 * width]
+        chans = chans or [width, 2 * width, 3 * width, 4 * width]
+        strides = strides or [4] + [2] * (len(chans) - 1)
         self.stages = nn.ModuleList()
         prev = in_chans
-        for i, c in enumerate(chans):
-            stride = 4 if i == 0 else 2
+        for c, stride in zip(chans, strides, strict=True):
             self.stages.append(nn.Sequential(nn.Conv2d(prev, c, 3, stride=stride, padding=1), nn.ReLU()))
             prev = c
         self.out_channels = chans
-        self.patch_size = 32
+        self.patch_size = 1
+        for stride in strides:
+            self.patch_size *= stride
 
     def forward(self, x: Tensor, **_: object) -> list[Tensor]:
         out = []

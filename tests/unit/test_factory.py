@@ -7,32 +7,16 @@ import pickle
 
 import pytest
 import torch
+from _tiny_encoders import TinyPyramid
 from torch import Tensor, nn
 
 from encdec import AuxiliaryHead, ModelOutput, PixelWiseModel, ScalarOutputModel, build_model
 from encdec.models.factory import EncoderDecoderFactory, FactoryError
 
 
-class PyramidEncoder(nn.Module):
+def PyramidEncoder(in_chans: int = 3, width: int = 8) -> nn.Module:
     """A small CNN pyramid encoder (strides 2, 4, 8) — test data for the factory."""
-
-    def __init__(self, in_chans: int = 3, width: int = 8) -> None:
-        super().__init__()
-        chans = [width, width * 2, width * 4]
-        self.stages = nn.ModuleList()
-        prev = in_chans
-        for c in chans:
-            self.stages.append(nn.Sequential(nn.Conv2d(prev, c, 3, stride=2, padding=1), nn.ReLU()))
-            prev = c
-        self.out_channels = chans
-        self.patch_size = 8
-
-    def forward(self, x: Tensor, **_: object) -> list[Tensor]:
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
+    return TinyPyramid(in_chans, chans=[width, width * 2, width * 4], strides=[2, 2, 2])
 
 
 class LastMapDecoder(nn.Module):
