@@ -15,6 +15,12 @@ What it does, for each case:
    ckpt_path=...``) and save the outputs of every block on a fixed seeded input;
 2. here: build ours from the same file with the same arguments, run the same input and compare every block.
 
+With ``--models``, it instead compares whole EncoderDecoderFactory models (the ``model_args`` of
+``tests/unit/fixtures/terratorch_keys_*.json``: Prithvi + necks + UperNet with and without LoRA, FCN, timm +
+smp Unet): TerraTorch's model with seeded noise on every tensor (BatchNorm statistics, LoRA ``B`` included) is
+saved as a Lightning-shaped checkpoint, loaded here with ``read_checkpoint`` + ``load_terratorch_weights``
+(strict), and both models' eval-mode logits on the same input are compared.
+
 It also times, in the same run, the CPU forward of ``prithvi_eo_v2_300`` on ``[1, 6, 224, 224]`` for both
 (median of ``--repeats`` after one warm-up, same thread count) and the meta-device build of
 ``prithvi_eo_v2_600`` here.
@@ -107,16 +113,98 @@ def terratorch_side(workdir: Path, repeats: int, threads: int) -> None:
     (workdir / "terratorch.json").write_text(json.dumps(report, indent=2))
 
 
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "unit" / "fixtures"
+
+
+def _model_cases() -> dict[str, dict[str, Any]]:
+    return {p.stem.removeprefix("terratorch_keys_"): json.loads(p.read_text())
+            for p in sorted(FIXTURES.glob("terratorch_keys_*.json"))}
+
+
+def _model_input(model_args: dict[str, Any]) -> torch.Tensor:
+    chans = 6 if str(model_args["backbone"]).startswith("prithvi") else 3
+    return torch.randn(2, chans, 224, 224, generator=torch.Generator().manual_seed(99))
+
+
+def terratorch_models_side(workdir: Path, threads: int) -> None:
+    """Runs inside the TerraTorch venv: full models' checkpoints and eval-mode logits per fixture case."""
+    import copy
+    import warnings
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    from terratorch.models import EncoderDecoderFactory
+
+    torch.set_float32_matmul_precision("highest")  # TerraTorch's import sets "medium" (see terratorch_side)
+    factory = EncoderDecoderFactory()
+    for name, fx in _model_cases().items():
+        torch.manual_seed(0)
+        model = factory.build_model(task=fx["task"], **copy.deepcopy(fx["model_args"]))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for key, tensor in model.state_dict().items():
+                if "pos_embed" in key or not tensor.is_floating_point():
+                    continue
+                noise = 0.02 * torch.randn(tensor.shape, generator=g)
+                tensor.add_(noise.abs() if "running_var" in key else noise)
+        model.eval()
+        with torch.no_grad():
+            out = model(_model_input(fx["model_args"])).output
+        sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+        sd["criterion.weight"] = torch.ones(1)
+        torch.save({"epoch": 0, "state_dict": sd}, workdir / f"model_{name}.ckpt")
+        torch.save(out, workdir / f"model_{name}.terratorch.pt")
+        print(f"terratorch side: {name} logits {tuple(out.shape)}")
+
+
+def compare_models(args: argparse.Namespace, workdir: Path) -> int:
+    """``--models``: whole-model logits after loading TerraTorch's weights into ours (see the module doc)."""
+    import copy
+
+    subprocess.run([args.tt_python, __file__, "--terratorch-side", "--models", "--workdir", str(workdir),
+                    "--threads", str(args.threads)], check=True)
+    torch.set_num_threads(args.threads)
+    from encdec import build_model
+    from encdec.models.terratorch_ckpt import load_terratorch_weights, read_checkpoint
+
+    rows, worst = [], 0.0
+    for name, fx in _model_cases().items():
+        model = build_model(fx["task"], **copy.deepcopy(fx["model_args"]))
+        load_terratorch_weights(model, read_checkpoint(workdir / f"model_{name}.ckpt"), strict=True)
+        model.eval()
+        with torch.no_grad():
+            out = model(_model_input(fx["model_args"])).output
+        ref = torch.load(workdir / f"model_{name}.terratorch.pt", weights_only=True)
+        if out.shape != ref.shape:
+            raise SystemExit(f"{name}: logits shape {tuple(out.shape)} vs TerraTorch {tuple(ref.shape)}")
+        diff = float((out - ref).abs().max())
+        worst = max(worst, diff)
+        rows.append({"case": name, "logits": list(out.shape), "max_abs_diff": diff,
+                     "ref_abs_max": float(ref.abs().max())})
+        print(f"{name:<26} logits {tuple(out.shape)!s:<18} max|diff| {diff:.3e}  (logits up to {rows[-1]['ref_abs_max']:.2f})")
+    (workdir / "report_models.json").write_text(json.dumps({"torch": torch.__version__, "cases": rows,
+                                                             "max_abs_diff": worst}, indent=2))
+    print(f"max abs diff over all models: {worst:.3e} (fp32, eval mode); report: {workdir / 'report_models.json'}")
+    return 0 if worst <= 1e-4 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tt-python", default="/work/tt-venv/bin/python", help="python of the TerraTorch venv")
     parser.add_argument("--workdir", default="/tmp/compat_terratorch", help="checkpoints, outputs, report")
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards after one warm-up")
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    parser.add_argument("--models", action="store_true",
+                        help="compare whole models (TerraTorch checkpoint -> load_terratorch_weights -> logits)")
     parser.add_argument("--terratorch-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.models:
+        if args.terratorch_side:
+            terratorch_models_side(workdir, args.threads)
+            return 0
+        return compare_models(args, workdir)
     if args.terratorch_side:
         terratorch_side(workdir, args.repeats, args.threads)
         return 0

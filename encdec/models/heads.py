@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from encdec.models.norms import make_norm2d
+from encdec.models.norms import conv_bias, make_norm2d
 
 __all__ = ["ClassificationHead", "RegressionHead", "ScalarHead", "SegmentationHead", "resolve_activation"]
 
@@ -28,7 +28,7 @@ def resolve_activation(act: str | nn.Module | None) -> nn.Module:
 def _conv_stack(in_ch: int, channels: list[int] | None, norm: str) -> tuple[nn.Sequential, int]:
     layers: list[nn.Module] = []
     for ch in channels or []:
-        layers += [nn.Conv2d(in_ch, ch, 3, padding=1, bias=False), make_norm2d(norm, ch), nn.ReLU()]
+        layers += [nn.Conv2d(in_ch, ch, 3, padding=1, bias=conv_bias(norm)), make_norm2d(norm, ch), nn.ReLU()]
         in_ch = ch
     return nn.Sequential(*layers), in_ch
 

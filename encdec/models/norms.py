@@ -1,6 +1,7 @@
 """Normalisation layers selectable by name in built-in necks, decoders and heads.
 
-``batch`` is the TerraTorch default. ``group`` / ``frozen_batch`` / ``none`` have no batch statistics, so a
+Defaults follow TerraTorch per component: ``batch`` (UperNet, necks, heads), ``layer`` (FCNDecoder).
+``group`` / ``layer`` / ``frozen_batch`` / ``none`` have no batch statistics, so a
 model built with them gives exactly the same result whether a global batch is split across ranks or not (the
 distributed parity tests rely on this). ``sync_batch`` is converted by the strategy where the backend has it.
 """
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 NORMS = ("batch", "group", "frozen_batch", "layer", "none")
 
-__all__ = ["NORMS", "FrozenBatchNorm2d", "LayerNorm2d", "make_norm2d"]
+__all__ = ["NORMS", "FrozenBatchNorm2d", "LayerNorm2d", "conv_bias", "group_count", "make_norm2d"]
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -37,11 +38,30 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channel dim of ``[B, C, H, W]``."""
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel dim of ``[B, C, H, W]`` (eps 1e-6).
+
+    Laid out as TerraTorch's ``Norm2d`` (the LayerNorm is the ``ln`` submodule, eps 1e-6) so that the
+    ``FCNDecoder`` keys ``decoder.convs.<i>.2.ln.weight`` of TerraTorch checkpoints load unchanged.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def group_count(channels: int, max_groups: int = 32, min_per_group: int = 4) -> int:
+    """Groups for a GroupNorm over ``channels``: the most groups (at most ``max_groups``) that divide ``channels``
+    and keep at least ``min_per_group`` channels per group (1 when ``channels < min_per_group``).
+
+    One or two channels per group normalise each channel on its own: on a 1x1 pooled map at micro-batch 1
+    (UperNet's PPM) that leaves a single value per group and the output is identically zero.
+    """
+    limit = max(1, min(max_groups, channels // min_per_group))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
 def make_norm2d(norm: str, channels: int) -> nn.Module:
@@ -49,9 +69,7 @@ def make_norm2d(norm: str, channels: int) -> nn.Module:
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "group":
-        # 32 groups as in the GroupNorm paper, fewer when the channel count does not divide
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
-        return nn.GroupNorm(groups, channels)
+        return nn.GroupNorm(group_count(channels), channels)
     if norm == "frozen_batch":
         return FrozenBatchNorm2d(channels)
     if norm == "layer":
@@ -59,3 +77,13 @@ def make_norm2d(norm: str, channels: int) -> nn.Module:
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"norm {norm!r} is not supported; use one of {', '.join(NORMS)}")
+
+
+def conv_bias(norm: str) -> bool:
+    """Whether a conv directly followed by ``make_norm2d(norm)`` carries a bias.
+
+    Not before batch / group / layer norms (their mean subtraction removes most or all of it, and TerraTorch's
+    ConvModule has none there, so the keys match its checkpoints); yes without a norm and before a frozen
+    batch norm, whose affine terms are fixed buffers (the bias is then the only learnable shift).
+    """
+    return norm in ("none", "frozen_batch")

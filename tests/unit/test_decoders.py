@@ -213,3 +213,48 @@ def test_vit_upernet_with_scale_modules_in_build_model() -> None:
                         necks=[{"name": "ReshapeTokensToImage"}], decoder_channels=8, decoder_scale_modules=True,
                         decoder_norm="group")
     assert model(torch.randn(2, 3, 48, 64)).output.shape == (2, 2, 48, 64)
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(256, 32), (64, 16), (48, 12), (16, 4), (12, 3), (6, 1), (2, 1)])
+def test_group_norm_keeps_at_least_four_channels_per_group(channels: int, groups: int) -> None:
+    from encdec.models.norms import make_norm2d
+
+    norm = make_norm2d("group", channels)
+    assert isinstance(norm, nn.GroupNorm) and norm.num_groups == groups
+
+
+@pytest.mark.parametrize("norm", ["group", "layer", "frozen_batch", "none"])
+def test_upernet_trains_at_micro_batch_one(norm: str) -> None:
+    # the PPM's 1x1 pooled map at batch 1 leaves one value per channel: per-channel groups would output zeros
+    torch.manual_seed(0)
+    dec = DECODER_REGISTRY.build("UperNetDecoder", PYR, channels=16, norm=norm).train()
+    feats = [f[:1] for f in pyramid_maps()]
+    out = dec(feats)
+    assert out.shape == (1, 16, 16, 16) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    branch = dec.psp_modules[0][1].conv.weight.grad
+    assert branch is not None and branch.abs().sum() > 0
+
+
+def test_conv_bias_only_where_no_norm_absorbs_it() -> None:
+    for norm, bias in (("batch", False), ("group", False), ("layer", False), ("frozen_batch", True), ("none", True)):
+        dec = DECODER_REGISTRY.build("UperNetDecoder", PYR, channels=16, norm=norm)
+        assert (dec.bottleneck.conv.bias is not None) is bias, norm
+    # TerraTorch's learned pyramid keeps the bias of its first transposed conv (checkpoint key fpn1.0.bias)
+    dec = DECODER_REGISTRY.build("UperNetDecoder", [32] * 4, channels=8, scale_modules=True)
+    assert dec.fpn1[0].bias is not None
+
+
+def test_fcn_default_norm_matches_terratorch() -> None:
+    dec = DECODER_REGISTRY.build("FCNDecoder", [32] * 4, channels=8, num_convs=2)
+    keys = {k: tuple(v.shape) for k, v in dec.state_dict().items()}
+    assert keys == {
+        "convs.0.0.weight": (32, 8, 2, 2), "convs.0.0.bias": (8,), "convs.0.1.weight": (8, 8, 3, 3),
+        "convs.0.1.bias": (8,), "convs.0.2.ln.weight": (8,), "convs.0.2.ln.bias": (8,),
+        "convs.1.0.weight": (8, 8, 2, 2), "convs.1.0.bias": (8,), "convs.1.1.weight": (8, 8, 3, 3),
+        "convs.1.1.bias": (8,), "convs.1.2.ln.weight": (8,), "convs.1.2.ln.bias": (8,),
+    }
+    assert dec.convs[0][2].ln.eps == 1e-6
+    x = torch.randn(2, 8, 3, 3)
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,), eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dec.convs[0][2](x), ref)

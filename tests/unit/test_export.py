@@ -31,7 +31,7 @@ LORA = {
 
 def build(peft_config: dict[str, Any] | None = None, **backbone: Any) -> nn.Module:
     return build_model(
-        "segmentation", backbone="prithvi_eo_tiny", backbone_img_size=32, decoder="FCNDecoder",
+        "segmentation", backbone="prithvi_eo_tiny", backbone_img_size=32, decoder="FCNDecoder", decoder_norm="batch",
         decoder_channels=16, necks=[{"name": "SelectIndices", "indices": [-1]}, {"name": "ReshapeTokensToImage"}],
         num_classes=3, peft_config=peft_config, **{f"backbone_{k}": v for k, v in backbone.items()},
     )

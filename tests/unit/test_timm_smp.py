@@ -60,6 +60,22 @@ def test_smp_kwargs_route_as_decoder_prefix() -> None:
     assert model.decoder.out_channels == 8
 
 
+@pytest.mark.parametrize("use_norm", ["layernorm", {"type": "layernorm", "eps": 1e-5}])
+def test_smp_layernorm_decoder_normalises_channels(use_norm: object) -> None:
+    # smp 0.6 puts nn.LayerNorm(C) on [B, C, H, W] maps ("expected input with shape [*, C]"); ours fixes that
+    model = build_model("segmentation", "timm_resnet18", "smp_Unet", num_classes=2,
+                        decoder_decoder_channels=[32, 16, 8, 8], decoder_decoder_use_norm=use_norm)
+    norms = [m for m in model.decoder.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(type(m).__name__ == "ChannelLayerNorm" for m in norms)
+    out = model(torch.randn(1, 3, 64, 64)).output
+    assert out.shape == (1, 2, 64, 64)
+    x = torch.randn(2, norms[0].normalized_shape[0], 3, 3)
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), norms[0].normalized_shape, norms[0].weight,
+                                         norms[0].bias, norms[0].eps).permute(0, 3, 1, 2)
+    torch.testing.assert_close(norms[0](x), ref)
+    pickle.loads(pickle.dumps(model))
+
+
 def test_smp_unsupported_and_listing() -> None:
     assert "smp_Unet" in DECODER_REGISTRY.names()
     with pytest.raises(ValueError, match="cannot be built on a feature list"):

@@ -13,16 +13,47 @@ from torch import Tensor, nn
 
 from encdec.models.backbones.prithvi_pos import sincos_1d
 
-__all__ = ["Attention", "Block", "DropPath", "LocationEncoder", "Mlp", "PatchEmbed3D", "TemporalEncoder"]
+__all__ = ["Attention", "Block", "DropPath", "LocationEncoder", "Mlp", "PatchConv3d", "PatchEmbed3D", "TemporalEncoder"]
+
+
+class PatchConv3d(nn.Conv3d):
+    """A ``Conv3d`` whose kernel equals its stride (non-overlapping patches), computed as one matmul.
+
+    Patches do not overlap, so the convolution is exactly ``F.linear`` of the flattened patches with the
+    flattened kernel. The matmul path is used because oneDNN's bf16 convolution (torch 2.14 on AVX-512-BF16
+    CPUs) returns wrong values for this shape (kernel = stride = 16, few input and >= 256 output channels:
+    relative error ~1.1), while its bf16 matmul is correct; it is also one large GEMM instead of a strided
+    convolution. It stays an ``nn.Conv3d`` with the same ``weight [E, C, t, p, p]`` and ``bias [E]``, so
+    checkpoints, state-dict keys, initialisation and ``isinstance`` checks (PEFT, precision casts) are unchanged,
+    and its own ``forward`` is called (parameter gathering hooks of ZeRO-3 / FSDP see the module run).
+    Input ``[B, C, T, H, W]``; trailing frames / pixels that do not fill a patch are dropped, as a strided conv does.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: tuple[int, int, int], bias: bool = True) -> None:
+        super().__init__(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"{type(self).__name__} expects [B, C, T, H, W], got shape {tuple(x.shape)}")
+        b, c = x.shape[:2]
+        pt, ph, pw = self.kernel_size
+        t, h, w = x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw
+        x = x[:, :, : t * pt, : h * ph, : w * pw]
+        # [B, C, t, pt, h, ph, w, pw] -> [B, t, h, w, C, pt, ph, pw]: one row per patch, in the kernel's order
+        patches = x.reshape(b, c, t, pt, h, ph, w, pw).permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, t * h * w, -1)
+        out = F.linear(patches, self.weight.reshape(self.out_channels, -1), self.bias)
+        # [B, t*h*w, E] viewed as the conv's [B, E, t, h, w] (no copy; PatchEmbed3D flattens it back for free)
+        return out.view(b, t, h, w, -1).permute(0, 4, 1, 2, 3)
 
 
 class PatchEmbed3D(nn.Module):
-    """``Conv3d`` with kernel = stride = patch size, flattened to tokens ``[B, t*h*w, D]`` (time-major)."""
+    """Non-overlapping 3D patches (``PatchConv3d``, kernel = stride = patch size) flattened to tokens
+    ``[B, t*h*w, D]`` (time-major)."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: tuple[int, int, int]) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.proj = PatchConv3d(in_chans, embed_dim, patch_size, bias=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from encdec.models.norms import NORMS, make_norm2d
+from encdec.models.norms import NORMS, conv_bias, make_norm2d
 
 __all__ = ["ConvModule", "check_feature_maps", "check_index", "check_norm", "learned_pyramid"]
 
@@ -57,9 +57,8 @@ class ConvModule(nn.Module):
     """Conv2d -> norm -> activation (MMSegmentation's ConvModule, with the norm chosen by name).
 
     Submodules are named ``conv``, ``norm``, ``act`` as in TerraTorch's ConvModule, so decoder state-dict keys
-    (``decoder.bottleneck.conv.weight``...) match TerraTorch's with the default batch norm. The conv has no
-    bias in front of a batch norm: the norm's mean subtraction would cancel it (a parameter whose gradient is
-    always zero).
+    (``decoder.bottleneck.conv.weight``...) match TerraTorch's with the default batch norm. The conv has a
+    bias only where ``encdec.models.norms.conv_bias`` says so (no norm, or a frozen one), as TerraTorch's has none.
     """
 
     def __init__(
@@ -73,7 +72,7 @@ class ConvModule(nn.Module):
         act: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=norm != "batch")
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, bias=conv_bias(norm))
         self.norm = make_norm2d(norm, out_channels)
         self.act = act()
 
@@ -87,7 +86,8 @@ def learned_pyramid(channel_list: Sequence[int], norm: str = "batch") -> list[nn
     ``fpn1``: ConvT(c0 -> c0/2) -> norm -> GELU -> ConvT(c0/2 -> c0/4) (x4), ``fpn2``: ConvT(c1 -> c1/2) (x2),
     ``fpn3``: identity, ``fpn4``: 2x2 max-pool. Output channels ``[c0//4, c1//2, c2, c3]``. Shared by the
     ``LearnedInterpolateToPyramidal`` neck and ``UperNetDecoder(scale_modules=True)``; both keep TerraTorch's
-    attribute names ``fpn1..fpn4``.
+    attribute names ``fpn1..fpn4``. The first transposed conv keeps its bias in front of the norm, as TerraTorch's
+    does, so its checkpoints' ``fpn1.0.bias`` loads.
     """
     c0, c1 = int(channel_list[0]), int(channel_list[1])
     if c0 < 4 or c1 < 2:
@@ -96,7 +96,7 @@ def learned_pyramid(channel_list: Sequence[int], norm: str = "batch") -> list[nn
             f"got {list(channel_list)}"
         )
     fpn1 = nn.Sequential(
-        nn.ConvTranspose2d(c0, c0 // 2, 2, 2, bias=norm != "batch"),
+        nn.ConvTranspose2d(c0, c0 // 2, 2, 2),
         make_norm2d(norm, c0 // 2),
         nn.GELU(),
         nn.ConvTranspose2d(c0 // 2, c0 // 4, 2, 2),

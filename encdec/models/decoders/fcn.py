@@ -7,17 +7,20 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from encdec.models.decoders._blocks import check_feature_maps, check_index, check_norm
-from encdec.models.norms import make_norm2d
+from encdec.models.norms import conv_bias, make_norm2d
 from encdec.registry import DECODER_REGISTRY
 
 __all__ = ["FCNDecoder"]
 
 
 def _upscale_block(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
-    """ConvT(k2, s2) -> Conv3x3 -> norm -> GELU: doubles H and W."""
+    """ConvT(k2, s2) -> Conv3x3 -> norm -> GELU: doubles H and W.
+
+    TerraTorch's block has a bias on the 3x3 conv before its LayerNorm; kept with ``layer`` so the keys match.
+    """
     return nn.Sequential(
         nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2),
-        nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=norm != "batch"),
+        nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=norm == "layer" or conv_bias(norm)),
         make_norm2d(norm, out_channels),
         nn.GELU(),
     )
@@ -35,7 +38,8 @@ class FCNDecoder(nn.Module):
         channels: channels of every block (``out_channels``).
         num_convs: number of upscale blocks (>= 1).
         in_index: which feature to decode.
-        norm: norm in each block (``encdec.models.norms``; TerraTorch uses a LayerNorm here, ``"layer"``).
+        norm: norm in each block (``encdec.models.norms``). The default ``"layer"`` is TerraTorch's (a channel
+            LayerNorm, eps 1e-6, the 3x3 conv with a bias), so TerraTorch checkpoints load unchanged.
     """
 
     def __init__(
@@ -44,7 +48,7 @@ class FCNDecoder(nn.Module):
         channels: int = 256,
         num_convs: int = 4,
         in_index: int = -1,
-        norm: str = "batch",
+        norm: str = "layer",
     ) -> None:
         super().__init__()
         if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 1:

@@ -45,6 +45,35 @@ class _ChannelsOnlyEncoder(nn.Module):
         self._output_stride = output_stride
 
 
+class ChannelLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over the channel dim of ``[B, C, H, W]`` maps (other inputs as ``nn.LayerNorm``).
+
+    smp 0.6's ``decoder_use_norm="layernorm"`` puts a plain ``nn.LayerNorm(C)`` after its convs, which fails on
+    channel-first maps ("expected input with shape [*, C]"). Same parameters and names, so keys are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4:
+            return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+def _wants_layernorm(use_norm: Any) -> bool:
+    kind = use_norm.get("type") if isinstance(use_norm, Mapping) else use_norm
+    return kind == "layernorm"
+
+
+def _channel_first_layernorms(module: nn.Module) -> None:
+    """Swap every ``nn.LayerNorm`` inside ``module`` for a ``ChannelLayerNorm`` holding the same tensors."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LayerNorm:
+                fixed = ChannelLayerNorm(child.normalized_shape, eps=child.eps,
+                                         elementwise_affine=child.elementwise_affine, bias=child.bias is not None)
+                fixed.load_state_dict(child.state_dict())
+                setattr(parent, name, fixed)
+
+
 class SmpDecoder(nn.Module):
     """An smp decoder on a feature list. ``out_channels`` is read from the head smp would have put after it."""
 
@@ -138,6 +167,8 @@ class SmpSource:
         ) if "encoder_depth" in accepted else model_cls(
             encoder_name=_register_stand_in(channels), encoder_weights=None, in_channels=channels[0], classes=1, **kwargs
         )
+        if _wants_layernorm(kwargs.get("decoder_use_norm")):
+            _channel_first_layernorms(model.decoder)
         head = model.segmentation_head
         first = next(m for m in head.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
         out_channels = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features

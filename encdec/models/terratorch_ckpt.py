@@ -1,0 +1,244 @@
+"""TerraTorch checkpoints: read a Lightning ``.ckpt`` without TerraTorch installed, and load its weights into
+a model built here from the same ``model_args`` (``--init-from``).
+
+Our modules use TerraTorch's attribute names wherever that costs nothing (encoder blocks, split ``qkv`` with
+peft's ``base_layer`` / ``lora_A.default`` names, necks ``fpn1..fpn4``, UperNet / FCN decoders), so most keys
+are equal. The remaining differences are renamed here, each rule for a reason:
+
+- ``encoder.base_model.model.*`` -> ``encoder.*``: TerraTorch wraps a PEFT encoder in a ``PeftModel``; ours
+  injects the adapters in place (same inner names).
+- ``encoder.*`` -> ``encoder.model.*``: TerraTorch's timm encoder is the timm model itself; ours wraps it.
+- ``decoder._smp_decoder.*`` -> ``decoder.decoder.*``: smp decoders.
+- ``head.head.<last>.*`` -> ``head.final.*`` and ``head.head.<k>.<i>.<j>.*`` -> ``head.hidden.<3i+j>.*``:
+  TerraTorch's heads are one ``nn.Sequential`` (pre-head blocks, dropout, final conv); ours name the parts.
+- TerraTorch keys that are non-persistent buffers here (Prithvi's fixed sin-cos ``pos_embed``, which we
+  recompute from the grid) are not loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CheckpointMismatch",
+    "CheckpointReadError",
+    "load_terratorch_weights",
+    "map_terratorch_keys",
+    "read_checkpoint",
+]
+
+LOG = logging.getLogger(__name__)
+_SHOW = 10  # keys listed per kind in an error message
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file cannot be read, or holds no model weights."""
+
+
+class CheckpointMismatch(ValueError):
+    """A TerraTorch state dict does not fit the model (missing / unexpected keys, shape mismatches)."""
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+class _Stub:
+    """Stands in for classes of packages that are not installed (TerraTorch's, Lightning's) while unpickling."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (_Stub,), {"__module__": module})
+
+
+class _PickleModule:
+    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` and a ``load``."""
+
+    Unpickler = _TolerantUnpickler
+    __name__ = "encdec_tolerant_pickle"
+
+    @staticmethod
+    def load(f: io.BufferedIOBase, **kw: Any) -> Any:
+        return _TolerantUnpickler(f, **kw).load()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The model weights of a TerraTorch (Lightning) checkpoint, with the task's ``model.`` prefix removed.
+
+    Works without TerraTorch or Lightning installed: classes the file references (hyper-parameters, callbacks)
+    are replaced by stubs; only the tensors of ``state_dict`` are kept. A plain state-dict file works too.
+
+    Args:
+        path: a Lightning ``.ckpt`` or a ``torch.save``-d state dict.
+
+    Raises:
+        CheckpointReadError: missing or unreadable file, or no model weights in it (the message names the path).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointReadError(f"checkpoint {path} does not exist or is not a file; pass the path of a .ckpt file")
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        # Lightning pickles hyper-parameters and callback states as objects of its own (and TerraTorch's) classes.
+        # The file is the user's own training output, so a full unpickle with stub classes is acceptable here.
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_PickleModule)
+        except Exception as err:
+            raise CheckpointReadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+    if not isinstance(sd, Mapping):
+        raise CheckpointReadError(f"checkpoint {path} holds no state_dict (found {type(ckpt).__name__})")
+    tensors = {str(k): v for k, v in sd.items() if isinstance(v, Tensor)}
+    if any(k.startswith("model.") for k in tensors):
+        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    if not tensors:
+        raise CheckpointReadError(f"checkpoint {path} has no model weights (expected tensors under 'model.')")
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------------- mapping
+_PREFIX_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^model\."), ""),  # a state dict still carrying the Lightning task's prefix
+    (re.compile(r"^encoder\.base_model\.model\."), "encoder."),  # TerraTorch's PeftModel around the encoder
+    (re.compile(r"^encoder\."), "encoder.model."),  # timm encoders: ours wraps the timm model
+    (re.compile(r"(^|\.)decoder\._smp_decoder\."), r"\1decoder.decoder."),  # smp decoders
+)
+_HEAD = re.compile(r"^(?P<pre>(?:.*\.)?)head\.head\.(?P<k>\d+)\.(?P<rest>.*)$")
+_HEAD_BLOCK = re.compile(r"^(?P<i>\d+)\.(?P<j>\d+)\.(?P<rest>.*)$")
+
+
+def _candidates(key: str, last_head: Mapping[str, int]) -> list[str]:
+    """Names ``key`` may have here, most literal first."""
+    names = [key]
+    for pattern, repl in _PREFIX_RULES:
+        names += [pattern.sub(repl, n, count=1) for n in names if pattern.search(n)]
+    out: list[str] = []
+    for n in names:
+        out.append(n)
+        m = _HEAD.match(n)
+        if m is None:
+            continue
+        pre, k, rest = m["pre"], int(m["k"]), m["rest"]
+        if k == last_head.get(pre):
+            out.append(f"{pre}head.final.{rest}")
+        elif (b := _HEAD_BLOCK.match(rest)) is not None and int(b["j"]) < 3:
+            out.append(f"{pre}head.hidden.{3 * int(b['i']) + int(b['j'])}.{b['rest']}")
+    return list(dict.fromkeys(out))
+
+
+def _last_head_index(keys: Iterable[str]) -> dict[str, int]:
+    """For each ``<prefix>head.head.<k>.`` family, its largest ``k`` (TerraTorch's final conv)."""
+    last: dict[str, int] = {}
+    for key in keys:
+        for n in _candidates(key, {}):
+            m = _HEAD.match(n)
+            if m is not None:
+                last[m["pre"]] = max(last.get(m["pre"], -1), int(m["k"]))
+    return last
+
+
+def _non_persistent(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        for buf in getattr(mod, "_non_persistent_buffers_set", ()):
+            names.add(f"{mod_name}.{buf}" if mod_name else buf)
+    return names
+
+
+def map_terratorch_keys(
+    state_dict: Mapping[str, Tensor], model: nn.Module
+) -> tuple[dict[str, Tensor], list[str], list[str]]:
+    """Rename a TerraTorch state dict's keys to ``model``'s.
+
+    Returns:
+        ``(mapped, unexpected, skipped)``: the tensors under our names, the TerraTorch keys that match nothing
+        here, and those dropped on purpose (our non-persistent buffers, recomputed from their definition).
+    """
+    target = model.state_dict()
+    fixed = _non_persistent(model)
+    last_head = _last_head_index(state_dict)
+    mapped: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    skipped: list[str] = []
+    for key, value in state_dict.items():
+        names = _candidates(key, last_head)
+        hit = next((n for n in names if n in target), None)
+        if hit is not None:
+            mapped[hit] = value
+        elif any(n in fixed for n in names):
+            skipped.append(key)
+        else:
+            unexpected.append(key)
+    return mapped, unexpected, skipped
+
+
+def _listing(title: str, items: list[str]) -> str:
+    more = f" ... and {len(items) - _SHOW} more" if len(items) > _SHOW else ""
+    return f"{title} ({len(items)}): {items[:_SHOW]}{more}"
+
+
+def load_terratorch_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, strict: bool = True) -> None:
+    """Load a TerraTorch model's state dict (``read_checkpoint``'s result) into ``model``, mapping key names.
+
+    Call it after building the model from the TerraTorch run's ``model_args`` (PEFT applied, so adapter keys
+    exist) and before sharding.
+
+    Args:
+        model: our model (``encdec.build_model``), with real (not meta) tensors.
+        state_dict: TerraTorch keys (with or without the Lightning ``model.`` prefix).
+        strict: require every key of the model to be loaded and every checkpoint key to be used, with equal
+            shapes. ``False`` loads the keys that fit and logs the rest.
+
+    Raises:
+        CheckpointMismatch: (strict) missing / unexpected keys or shape mismatches, first ``10`` of each listed.
+    """
+    mapped, unexpected, skipped = map_terratorch_keys(state_dict, model)
+    target = model.state_dict()
+    shapes = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+        for k, v in mapped.items()
+        if tuple(v.shape) != tuple(target[k].shape)
+    ]
+    missing = [k for k in target if k not in mapped]
+    problems = [
+        _listing(title, items)
+        for title, items in (
+            ("missing in the checkpoint", missing),
+            ("unexpected in the checkpoint", unexpected),
+            ("shape mismatches", shapes),
+        )
+        if items
+    ]
+    if problems and strict:
+        raise CheckpointMismatch(
+            "the TerraTorch checkpoint does not fit this model:\n  "
+            + "\n  ".join(problems)
+            + "\nBuild the model from the same model_args as the TerraTorch run (backbone and its options, necks, "
+            "decoder and decoder_* options, head_*, num_classes, peft_config) or load with strict=False to take "
+            "only the matching weights."
+        )
+    bad = {k.split(":", 1)[0] for k in shapes}
+    loadable = {k: v for k, v in mapped.items() if k not in bad}
+    model.load_state_dict(loadable, strict=False)
+    if problems:
+        LOG.warning("loaded %d of %d tensors from the TerraTorch checkpoint; %s", len(loadable), len(target),
+                    "; ".join(problems))
+    if skipped:
+        LOG.info("not loaded (recomputed here): %s", skipped[:_SHOW])
