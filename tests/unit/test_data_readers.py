@@ -9,7 +9,7 @@ from affine import Affine
 from encdec.data import augment as aug
 from encdec.data.badtiles import BadTileError
 from encdec.data.normalize import Normalizer
-from encdec.data.readers import TileReader, resolve_bands
+from encdec.data.readers import TileReader, mark_nodata, resolve_bands, typed_nodata
 from encdec.data.sources import Sample
 from encdec.data.synthetic import HLS_BANDS, write_raster
 
@@ -163,3 +163,36 @@ def test_bad_tiles_raise_with_reason(tmp_path):
             reader.read(sample, np.empty((1, 32, 32), np.float32), np.empty((32, 32), np.int64))
         assert e.value.reason == reason, (reason, str(e.value))
         assert e.value.path in str(e.value)
+
+
+@pytest.mark.parametrize("nodata", [-9999, np.nan])
+def test_mark_nodata_matches_any_over_bands(nodata):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 100, (4, 16, 16)).astype(np.float32)
+    x[rng.random(x.shape) < 0.05] = nodata
+    invalid = np.zeros((16, 16), bool)
+    invalid[0, 0] = True  # already-invalid pixels stay invalid
+    expected = invalid | (np.isnan(x) if np.isnan(nodata) else x == nodata).any(axis=0)
+    mark_nodata(x, typed_nodata(x.dtype, nodata), invalid, np.empty((16, 16), bool))
+    np.testing.assert_array_equal(invalid, expected)
+
+
+def test_normaliser_per_band_values_frames_and_invalid():
+    rng = np.random.default_rng(2)
+    raw = rng.integers(-500, 6000, (3, 2, 8, 8)).astype(np.int16)  # [C, T, H, W]
+    invalid = rng.random((8, 8)) < 0.2
+    means, stds = [100.0, 2000.0, -3.5], [10.0, 700.0, 0.25]
+    out = Normalizer(means, stds)(raw, np.empty(raw.shape, np.float32), invalid)
+    expected = (raw - np.float32(means)[:, None, None, None]) * (1 / np.float32(stds))[:, None, None, None]
+    expected[:, :, invalid] = 0
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_whole_tiles_close_their_files_chips_keep_the_scene_open(tmp_path):
+    write_raster(tmp_path / "a.tif", _pixels(c=1, s=64), **GEO)
+    reader = _reader([0], target="none")
+    out = np.empty((1, 32, 32), np.float32)
+    reader.read(Sample(images=(str(tmp_path / "a.tif"),), window=(0, 0, 32, 32)), out, None)
+    assert str(tmp_path / "a.tif") in reader.files.local.cache
+    reader.read(Sample(images=(str(tmp_path / "a.tif"),)), out, None)
+    assert not reader.files.local.cache
