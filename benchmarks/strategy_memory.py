@@ -8,7 +8,8 @@ one fresh run of 2 processes.
 
 Memory per worker: on CPU the resident set size, sampled every 10 ms during the timed steps (``step peak``) and
 the process lifetime maximum (``ru_maxrss``, which includes building the unsharded model); with CUDA the
-``max_memory_allocated`` over the timed steps. Step time: median of the timed steps (forward + CE + backward +
+``max_memory_allocated`` over the timed steps. Also per phase (highest RSS in forward / backward / optimizer
+step), the RSS before and after building the model, and the bytes of this rank's optimizer state. Step time: median of the timed steps (forward + CE + backward +
 optimizer step, with the collectives) in wall seconds, and the process CPU seconds per step (on a shared
 machine wall time also measures other jobs' load; CPU seconds are the comparable figure).
 
@@ -71,6 +72,8 @@ class RssSampler:
         self.interval_s = interval_s
         self.page = os.sysconf("SC_PAGE_SIZE")
         self.peak = 0
+        self.phases: dict[str, int] = {}
+        self._since_mark = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,11 +83,19 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
+            rss = self._rss()
+            self.peak = max(self.peak, rss)
+            self._since_mark = max(self._since_mark, rss)
             time.sleep(self.interval_s)
 
+    def mark(self, phase: str) -> None:
+        """Close a phase: ``phases[phase]`` keeps the highest RSS seen since the previous mark (over all calls)."""
+        rss = max(self._since_mark, self._rss())
+        self.phases[phase] = max(self.phases.get(phase, 0), rss)
+        self._since_mark = self._rss()
+
     def __enter__(self) -> RssSampler:
-        self.peak = self._rss()
+        self.peak = self._since_mark = self._rss()
         self._thread.start()
         return self
 
@@ -108,10 +119,12 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if name == "deepspeed":
         opts = {**opts, "micro_batch": cfg["micro_batch"]}
     torch.manual_seed(0)
+    rss_start = RssSampler()._rss()
     t0 = time.perf_counter()
     model = build_model("segmentation", **model_args(cfg["mode"], cfg["img_size"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    rss_built = RssSampler()._rss()
     strategy = make_strategy(name, **opts)
     strategy.setup(
         model,
@@ -127,13 +140,19 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(cfg["micro_batch"], 6, cfg["img_size"], cfg["img_size"], generator=g).to(dev)
     y = torch.randint(0, 2, (cfg["micro_batch"], cfg["img_size"], cfg["img_size"]), generator=g).to(dev)
 
-    def one_step() -> float:
+    def one_step(rss: RssSampler | None = None) -> float:
         cpu_times.append(time.process_time())
         start = time.perf_counter()
         with strategy.no_sync(is_last_micro=True), strategy.autocast():
             loss = F.cross_entropy(strategy.model(x).output.float(), y)
+        if rss is not None:
+            rss.mark("forward")
         strategy.backward(loss)
+        if rss is not None:
+            rss.mark("backward")
         strategy.step(max_norm=1.0)
+        if rss is not None:
+            rss.mark("optimizer step")
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
@@ -147,7 +166,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     with RssSampler() as rss:
         cpu_times.clear()
-        times = [one_step() for _ in range(cfg["steps"])]
+        times = [one_step(rss) for _ in range(cfg["steps"])]
     out = {
         "rank": rank,
         "step_s": statistics.median(times),
@@ -157,12 +176,27 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         "ru_maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30,
         "setup_s": setup_s,
         "rss_after_setup_gib": rss_setup / 2**30,
+        "rss_before_build_gib": rss_start / 2**30,
+        "rss_after_build_gib": rss_built / 2**30,
+        "rss_phase_peak_gib": {k: v / 2**30 for k, v in rss.phases.items()},
+        "optimizer_state_gib": _optimizer_state_bytes(strategy.optimizer) / 2**30,
         "params": total,
         "trainable": trainable,
     }
     if dev.type == "cuda":
         out["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def _optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of this rank's optimizer state tensors (Adam moments; a DTensor counts its local shard)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            local = v.to_local() if hasattr(v, "to_local") else v
+            if hasattr(local, "numel") and local.dim() > 0:
+                total += local.numel() * local.element_size()
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{statistics.median(d['cpu_s'] for d in ranks):6.2f} s CPU  "
                   f"RSS after setup {r['rss_after_setup_gib']:5.2f} GiB, step peak {r['rss_step_peak_gib']:5.2f} GiB, "
                   f"lifetime {r['ru_maxrss_gib']:5.2f} GiB  "
+                  f"(before build {r['rss_before_build_gib']:.2f}, built {r['rss_after_build_gib']:.2f}, peaks "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["rss_phase_peak_gib"].items())
+                  + f"; optimizer state {r['optimizer_state_gib']:.2f} GiB)  "
                   f"trainable {r['trainable'] / 1e6:.1f}M / {r['params'] / 1e6:.1f}M", flush=True)
 
     print("\n| mode | strategy | step wall (s) | step CPU (s) | per-worker RSS, steps (GiB) | "

@@ -8,14 +8,21 @@ to use DeepSpeed's own Adam instead. On CPU DeepSpeed picks its CPU accelerator 
 
 Checkpoints are DeepSpeed's own (``save_checkpoint``/``load_checkpoint``). Loading at another world size goes
 through DeepSpeed's universal checkpoint format (``ds_to_universal``), converted once next to the checkpoint.
+
+ZeRO-3 memory: its buffer sizes come from the model's largest sharding unit (``_stage3_sizes``), an fp32 run's
+master partition shares the parameter partition's storage (``share_stage3_fp32_master``, working around a
+DeepSpeed device comparison), and on CPU the gradient partition's pages go back to the OS between steps
+(``release_grad_pages``). Measured in benchmarks/README.md ("ZeRO-3 full fine-tune memory").
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,11 +32,13 @@ from torch import Tensor, nn
 
 from encdec.distributed.strategy import PRECISIONS, Strategy, StrategyError
 
-__all__ = ["ZERO_STAGES", "DeepSpeedStrategy", "deepspeed_config"]
+__all__ = ["DEFAULT_UNIT_NUMEL", "ZERO_STAGES", "DeepSpeedStrategy", "deepspeed_config", "largest_unit_numel", "release_grad_pages", "share_stage3_fp32_master"]
 
 ZERO_STAGES = (2, 3)
 DS_FORMAT = "deepspeed"
 _TAG = "ds"
+# a 300M ViT block (Prithvi-EO-2.0 300M: 12.6M parameters per block): the ZeRO-3 sizes for models without units
+DEFAULT_UNIT_NUMEL = 12_600_000
 
 
 def deepspeed_config(
@@ -41,6 +50,7 @@ def deepspeed_config(
     micro_batch: int,
     grad_clip: float | None,
     native_optimizer: bool = False,
+    unit_numel: int | None = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config for one run (pure: no I/O, no process group, no DeepSpeed import).
 
@@ -54,6 +64,8 @@ def deepspeed_config(
         grad_clip: maximum global gradient norm (``optim.grad_clip``); None or 0 disables clipping.
         native_optimizer: describe DeepSpeed's own AdamW in the config (compiles a C++ extension on first use)
             instead of receiving a client optimizer.
+        unit_numel: parameters in the model's largest sharding unit (a transformer block; see
+            ``sharding_units``). ZeRO-3's buffers are sized from it (``DEFAULT_UNIT_NUMEL`` when None).
 
     Returns:
         A dict to pass as ``deepspeed.initialize(config=...)``; DeepSpeed derives ``train_batch_size`` as
@@ -73,6 +85,10 @@ def deepspeed_config(
             raise StrategyError(f"{field} must be a positive integer, got {value!r}")
     if grad_clip is not None and (not isinstance(grad_clip, (int, float)) or grad_clip < 0 or math.isnan(grad_clip)):
         raise StrategyError(f"optim.grad_clip must be a number >= 0 or null, got {grad_clip!r}")
+    if unit_numel is not None and (not isinstance(unit_numel, int) or isinstance(unit_numel, bool) or unit_numel < 1):
+        raise StrategyError(
+            f"unit_numel (parameters in the largest sharding unit) must be a positive integer or None, got {unit_numel!r}"
+        )
 
     zero: dict[str, Any] = {
         "stage": zero_stage,
@@ -85,15 +101,10 @@ def deepspeed_config(
     if zero_stage == 2:
         zero["allgather_bucket_size"] = 50_000_000
     else:
+        zero.update(_stage3_sizes(DEFAULT_UNIT_NUMEL if unit_numel is None else unit_numel))
         # the consolidated weights are gathered by the strategy (full_state_dict), not at every save
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         zero["stage3_param_persistence_threshold"] = 10_000
-        # free gathered weights after use, as FSDP2's reshard_after_forward does. DeepSpeed's defaults (1e9
-        # parameters live / reuse distance) keep a whole 300M model gathered from forward to backward, which
-        # measured more per-worker memory than DDP for a LoRA run (benchmarks/strategy_memory.py)
-        zero["stage3_max_live_parameters"] = 30_000_000
-        zero["stage3_max_reuse_distance"] = 30_000_000
-        zero["stage3_prefetch_bucket_size"] = 20_000_000
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -129,6 +140,104 @@ def deepspeed_config(
     return config
 
 
+def _stage3_sizes(unit: int) -> dict[str, int]:
+    """ZeRO-3's buffer and grouping sizes (elements) for a model whose largest sharding unit has ``unit`` params.
+
+    DeepSpeed's defaults are sized for GPUs holding billions of parameters and measured more per-worker memory
+    than DDP on a 300M model (benchmarks/strategy_memory.py). Each setting below bounds one transient buffer:
+
+    - ``sub_group_size``: the optimizer steps one sub-group of this rank's flat fp32 partition at a time, and for
+      each one flattens a copy of its gradients and lets torch's AdamW make two partition-sized temporaries
+      (``exp_avg_sq.sqrt() / bias_correction``). The default (1e12: the whole partition) made those three copies
+      of the whole partition at every step; one unit per sub-group bounds them to about 3 x unit elements.
+    - ``reduce_bucket_size``: the gradient reduce bucket, allocated once (default 5e8 elements, 2 GB fp32).
+    - ``stage3_max_live_parameters`` / ``stage3_max_reuse_distance``: free gathered weights after use, as
+      FSDP2's reshard_after_forward does; the defaults (1e9) keep the whole model gathered from forward to
+      backward. Two units let the next block be gathered while the current one is in use.
+    - ``stage3_prefetch_bucket_size``: how much is gathered ahead.
+    """
+    return {
+        "sub_group_size": unit,
+        "reduce_bucket_size": unit,
+        "stage3_prefetch_bucket_size": unit,
+        "stage3_max_live_parameters": 2 * unit,
+        "stage3_max_reuse_distance": 2 * unit,
+    }
+
+
+def largest_unit_numel(model: nn.Module) -> int | None:
+    """Parameters in the model's largest sharding unit (``model.sharding_units()``), or None without units."""
+    units = getattr(model, "sharding_units", None)
+    if not callable(units):
+        return None
+    sizes = [sum(p.numel() for p in unit.parameters()) for unit in units()]
+    return max(sizes) if sizes and max(sizes) > 0 else None
+
+
+def share_stage3_fp32_master(zero_optimizer: Any) -> int:
+    """Let ZeRO-3's fp32 master partition be this rank's parameter partition when both are fp32; returns bytes freed.
+
+    DeepSpeed (0.19) means to skip the separate master copy when the partition is already in the master dtype
+    (``_create_fp32_partitions``: "we don't need another copy of the weights"), but it tests
+    ``tensor.device == self.device`` with ``self.device`` a string ('cpu', 'cuda:0'), which a ``torch.device``
+    never equals: every fp32 run kept a second copy of its partition (1/world of the model, 0.6 GiB per worker for
+    the 300M at 2 workers). Every later write between the two is an in-place ``copy_`` (after each sub-group's
+    step, checkpoint loads), which is a no-op on shared storage, so aliasing them is what DeepSpeed's own branch
+    does. Skipped with offloading/NVMe swapping, for bf16/fp16 partitions, and once optimizer state exists.
+    """
+    masters = getattr(zero_optimizer, "fp32_partitioned_groups_flat", None)
+    partitions = getattr(zero_optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not partitions or len(masters) != len(partitions):
+        return 0
+    if getattr(zero_optimizer, "offload_optimizer", False) or getattr(zero_optimizer, "swap_optimizer", False):
+        return 0
+    inner = getattr(zero_optimizer, "optimizer", None)
+    state = getattr(inner, "state", {})
+    freed = 0
+    for master, part in zip(masters, partitions):
+        if part is None or master.data_ptr() == part.data_ptr() or state.get(master):
+            continue
+        if master.dtype != part.dtype or master.device != part.device or master.shape != part.shape:
+            continue
+        master.data = part.data  # same Python object: the optimizer and DeepSpeed's lists keep their references
+        freed += part.numel() * part.element_size()
+    return freed
+
+
+def release_grad_pages(zero_optimizer: Any) -> int:
+    """Zero ZeRO-3's flat gradient partition and hand its pages back to the OS (CPU, Linux); returns bytes released.
+
+    ZeRO-3 keeps one flat fp32 buffer for this rank's gradient partition (``grad_partitions_flat_buffer``, 1/world
+    of the model) allocated for the whole run, while FSDP2 and DDP free gradients after the step. Between the
+    optimizer step and the next backward its contents are dead (the next backward overwrites every gradient it
+    produces), so ``madvise(MADV_DONTNEED)`` drops its pages: they read as zeros and come back on first write,
+    during backward, when the activations that peak at the end of forward are being freed. The partial pages at
+    both ends are zeroed so the whole buffer reads zero (a parameter without a gradient gets a zero one, as after
+    ``zero_grad``). No-op for device memory or when the buffer is missing.
+    """
+    buf = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
+    if not isinstance(buf, Tensor) or buf.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = buf.data_ptr()
+    nbytes = buf.numel() * buf.element_size()
+    lo = -(-start // page) * page
+    hi = (start + nbytes) // page * page
+    if hi - lo < 16 * page or (lo - start) % buf.element_size() or (hi - start) % buf.element_size():
+        buf.zero_()
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_dontneed = 4
+    if libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), madv_dontneed) != 0:
+        buf.zero_()  # the kernel refused: keep the pages, same contents
+        return 0
+    flat = buf.view(-1)
+    flat[: (lo - start) // buf.element_size()].zero_()
+    flat[(hi - start) // buf.element_size():].zero_()
+    return hi - lo
+
+
 def _ensure_process_group() -> None:
     """DeepSpeed always needs a process group: make a 1-rank gloo/NCCL group when none is described."""
     import torch.distributed as dist
@@ -152,13 +261,24 @@ class DeepSpeedStrategy(Strategy):
         zero_stage: 2 or 3.
         micro_batch: per-rank micro-batch size (DeepSpeed's batch bookkeeping; does not change the maths).
         native_optimizer: let DeepSpeed build its own AdamW from ``optim_cfg`` (compiles a C++ extension).
+        release_grad_pages: ZeRO-3 on CPU: hand the pages of the flat gradient partition back to the OS after
+            each optimizer step (see ``release_grad_pages``); None = on for CPU devices.
         **kwargs: see ``Strategy``.
     """
 
     name = "deepspeed"
 
-    def __init__(self, *, zero_stage: int = 3, micro_batch: int = 1, native_optimizer: bool = False, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        zero_stage: int = 3,
+        micro_batch: int = 1,
+        native_optimizer: bool = False,
+        release_grad_pages: bool | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
+        self._release_pages = release_grad_pages
         if zero_stage not in ZERO_STAGES:
             raise StrategyError(f"train.zero_stage must be one of {ZERO_STAGES} for strategy 'deepspeed', got {zero_stage!r}")
         self.zero_stage = zero_stage
@@ -202,6 +322,7 @@ class DeepSpeedStrategy(Strategy):
             micro_batch=self.micro_batch,
             grad_clip=self.grad_clip,
             native_optimizer=self.native_optimizer,
+            unit_numel=largest_unit_numel(model),
         )
         client_opt = None if self.native_optimizer else self.optimizer_factory(model, optim_cfg)
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -213,6 +334,8 @@ class DeepSpeedStrategy(Strategy):
             dist_init_required=False,
         )
         self._model = engine
+        if self.zero_stage == 3:
+            share_stage3_fp32_master(ds_opt)
         # the torch optimizer the ZeRO wrapper steps: the loop's LR schedule writes its param_groups
         inner = getattr(ds_opt, "optimizer", ds_opt)
         self._optimizer = inner if isinstance(inner, torch.optim.Optimizer) else ds_opt
@@ -251,6 +374,9 @@ class DeepSpeedStrategy(Strategy):
             )
         engine = self.model
         engine.step()  # type: ignore[operator]
+        release = self.device.type == "cpu" if self._release_pages is None else self._release_pages
+        if release and self.zero_stage == 3:
+            release_grad_pages(engine.optimizer)  # type: ignore[union-attr]
         if not engine.was_step_applied():  # type: ignore[operator]
             return math.inf  # fp16 overflow: DeepSpeed skipped the step and lowered the loss scale
         norm = engine.get_global_grad_norm()  # type: ignore[operator]
