@@ -32,7 +32,8 @@ def make_strategy(name: str, **opts: Any) -> Strategy:
     Args:
         name: ``none`` | ``ddp`` | ``fsdp`` | ``deepspeed``.
         **opts: constructor options. All: ``optimizer_factory``, ``adapter_only``, ``device``.
-            ``ddp``: ``bucket_cap_mb``, ``sync_batchnorm``. ``fsdp``: ``reshard_after_forward``, ``sync_batchnorm``.
+            ``ddp``: ``bucket_cap_mb``, ``sync_batchnorm``. ``fsdp``: ``reshard_after_forward``, ``sync_batchnorm``,
+            ``build_on_rank0``.
             ``deepspeed``: ``zero_stage`` (2 | 3), ``micro_batch`` (per-rank micro-batch size, for DeepSpeed's
             batch bookkeeping), ``native_optimizer``.
 

@@ -34,6 +34,8 @@ Contract details the loop relies on:
   ``extra`` is per-rank state (step, scheduler, RNG, data position); each rank's own ``extra`` is returned by
   ``load`` when the world size is unchanged, rank 0's otherwise. ``load`` restores model and optimizer state and
   accepts checkpoints written at another world size (and, for the DCP format, by another of none/ddp/fsdp).
+* The loop builds the model inside ``build_context()``; on a rank where ``meta_build`` is True it skips the
+  pretrained / ``init_from`` loads (the model is on the meta device) and ``setup`` materialises it from rank 0.
 * ``full_state_dict()`` is collective; it returns the plain fp32 state dict (keys of the unwrapped model, CPU
   tensors) on rank 0 and ``None`` elsewhere.
 """
@@ -135,6 +137,23 @@ class Strategy(ABC):
         if self._optimizer is None:
             raise StrategyError(f"strategy {self.name!r}: call setup(model, ...) before using .optimizer")
         return self._optimizer
+
+    # ------------------------------------------------------------------ building the model
+    @property
+    def meta_build(self) -> bool:
+        """True when this rank builds the model on the meta device and loads no weights into it: ``setup`` then
+        fills its shards from rank 0's model (FSDP2 ``build_on_rank0``). Default: every rank builds for real."""
+        return False
+
+    def build_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Context the loop builds the model in on this rank (before loading pretrained / ``init_from`` weights).
+
+        Default: ``torch.device("meta")`` when :attr:`meta_build`, else nothing (a real build on the CPU). A
+        strategy that partitions parameters as they are created (e.g. DeepSpeed's ``zero.Init``) returns its own
+        context here; it must then also make the weight loading work on the partitioned model or set
+        :attr:`meta_build` so that only ``setup`` fills the weights.
+        """
+        return torch.device("meta") if self.meta_build else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ lifecycle
     @abstractmethod

@@ -344,10 +344,14 @@ def export_consolidated(
                     "same model unsharded) to merge them; pass model_factory=lambda: build_model(task, **model_cfg)"
                 )
             from encdec.models.export import merge_and_export
+            from encdec.models.peft import reset_adapters
 
             plain = model_factory()
             if any(p.is_meta for p in plain.parameters()):
                 plain = plain.to_empty(device="cpu")
+                # to_empty leaves garbage in what the state dict does not carry (OFT's index buffers, which the
+                # merge reads); the strict load below then overwrites every adapter weight
+                reset_adapters(plain)
             plain.load_state_dict(state, strict=True)
             state = merge_and_export(plain)
         out_path.parent.mkdir(parents=True, exist_ok=True)

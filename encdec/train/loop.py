@@ -2,12 +2,15 @@
 
 Build order (each step needs the previous one):
 
-1. build the model on the CPU with the run seed (every rank builds the same initial weights; FSDP2 and ZeRO-3
-   keep each rank's own slice of them, so they must agree);
+1. build the model with the run seed: on the CPU (every rank builds the same initial weights; FSDP2 and ZeRO-3
+   keep each rank's own slice of them, so they must agree), or, where the strategy fills the shards from rank 0
+   at set-up (``strategy.meta_build``: FSDP2's ``build_on_rank0``), on the meta device on every other rank;
 2. load pretrained backbone weights (into the fused qkv layout they were saved in...
 3. ...which ``build_model`` already split into q/k/v, and 4. wrapped with PEFT when ``peft_config`` is given:
-   ``load_pretrained`` maps the checkpoint's keys onto that layout);
-5. decide the trainable set (``train.freeze_backbone`` / ``freeze_decoder``, never freezing PEFT adapters);
+   ``load_pretrained`` maps the checkpoint's keys onto that layout); then ``init_from`` (a TerraTorch checkpoint,
+   mapped onto the same layout) unless resuming, where the checkpoint holds the weights;
+5. decide the trainable set (``train.freeze_backbone`` / ``freeze_decoder``, never freezing PEFT adapters) and
+   check it (``encdec.models.peft.check_trainable``: the freeze trap of frozen adapters fails here);
 6. precision storage (bf16: frozen weights stored in bf16 once), 7. activation checkpointing (in
    ``strategy.setup``, before sharding), 8. optional ``torch.compile`` of each sharding unit;
 9. shard (``strategy.setup``) and 10. build the optimizer over trainable parameters after sharding;
@@ -37,6 +40,7 @@ from encdec.train.loop_parts import (
     capture_rng,
     evaluate,
     freeze,
+    load_init_from,
     load_pretrained_weights,
     restore_rng,
     seed_everything,
@@ -61,6 +65,7 @@ def train(
     resume: str | None = None,
     report: Callable[[dict[str, Any], str | None], None] | None = None,
     stop_requested: Callable[[], bool] | None = None,
+    init_from: str | None = None,
 ) -> dict[str, Any]:
     """Train a model as the recipe describes; every rank of the job calls this.
 
@@ -77,6 +82,9 @@ def train(
         resume: a checkpoint directory, or a run directory whose latest complete checkpoint to continue from.
         report: called on every rank with ``(metrics, checkpoint_dir or None)`` at each log step and checkpoint.
         stop_requested: polled once per step; when it returns True on any rank, all ranks checkpoint and return.
+        init_from: a TerraTorch (Lightning) checkpoint or plain state-dict file to start from (after the pretrained
+            backbone weights and PEFT, before sharding); ignored when resuming (the checkpoint wins), except from an
+            adapter-only checkpoint, whose frozen weights it supplies again (so pass it on resume too).
 
     Returns:
         The last metrics reported (train and, if there was validation, val), with ``step`` and ``checkpoint``.
@@ -86,7 +94,8 @@ def train(
     from encdec.data import build_iterator
     from encdec.distributed import init_process_group, make_strategy
     from encdec.models import build_model
-    from encdec.train.checkpoint import CheckpointManager, find_latest_checkpoint, is_complete
+    from encdec.models.peft import check_trainable
+    from encdec.train.checkpoint import CheckpointManager
     from encdec.train.losses import build_loss
     from encdec.train.metrics import all_reduce_sum
     from encdec.train.optim import check_optim_cfg, lr_at, set_lr
@@ -109,12 +118,27 @@ def train(
     if lowered and rank == 0:
         LOG.warning("fp32 matmul precision was %r (set by an import); reset to 'highest' for precision fp32", lowered)
 
-    # -- 1-4. build, load pretrained, (split qkv + PEFT inside build_model) --------------------------------
+    # a checkpoint to resume from wins over init_from, so it is found before the build; an adapter-only one holds
+    # no frozen weights, which then come from init_from again (as they did in the run that wrote it)
+    resume_from = _resume_dir(resume)
+    use_init = bool(init_from) and (resume_from is None or _adapter_only(resume_from))
+    if init_from and not use_init and rank == 0:
+        LOG.info("init_from=%s ignored: resuming from %s, whose weights win", init_from, resume_from)
+
+    # -- 1-4. build, load pretrained, (split qkv + PEFT inside build_model), init_from --------------------------
     seed_everything(seed)
-    net = build_model(task, **model)
-    load_pretrained_weights(net)
+    with strategy.build_context():  # the meta device on ranks whose shards setup() fills from rank 0
+        net = build_model(task, **model)
+    if not strategy.meta_build:
+        load_pretrained_weights(net)
+        if use_init:
+            load_init_from(net, str(init_from))
+            if rank == 0:
+                LOG.info("initialised from %s%s", init_from, " (frozen weights; the rest from the checkpoint)"
+                         if resume_from is not None else "")
     # -- 5. trainable set -----------------------------------------------------------------------------------
     trainable, total = freeze(net, freeze_backbone=cfg.freeze_backbone, freeze_decoder=cfg.freeze_decoder)
+    check_trainable(net)
     # -- 6. precision storage: frozen weights never change, so keep them in the compute dtype once (under
     # autocast; FSDP2's mixed-precision policy and DeepSpeed's bf16 mode manage parameter dtypes themselves)
     if cfg.strategy in ("none", "ddp"):
@@ -138,12 +162,6 @@ def train(
     ckpts = CheckpointManager(run_path / "checkpoints", keep_last=cfg.keep_last,
                               best_metric=cfg.best_metric(task), best_mode=cfg.best_mode(task))
     step = 0
-    resume_from = None
-    if resume:
-        candidate = Path(resume)
-        resume_from = candidate if is_complete(candidate) else find_latest_checkpoint(candidate / "checkpoints")
-        if resume_from is None:
-            raise FileNotFoundError(f"resume={resume!r} is neither a complete checkpoint nor a run directory with one")
     if rank == 0:
         ckpts.cleanup_partial()
     if resume_from is not None:
@@ -257,6 +275,30 @@ class _Window:
     steps: int = 0
     wait: float = 0.0
     start: float = field(default_factory=time.perf_counter)
+
+
+def _resume_dir(resume: str | None) -> Path | None:
+    """The checkpoint to resume from: ``resume`` itself when it is a complete checkpoint, else the latest
+    complete one under ``<resume>/checkpoints``.
+
+    Raises:
+        FileNotFoundError: ``resume`` is given and is neither.
+    """
+    from encdec.train.checkpoint import find_latest_checkpoint, is_complete
+
+    if not resume:
+        return None
+    candidate = Path(resume)
+    found = candidate if is_complete(candidate) else find_latest_checkpoint(candidate / "checkpoints")
+    if found is None:
+        raise FileNotFoundError(f"resume={resume!r} is neither a complete checkpoint nor a run directory with one")
+    return found
+
+
+def _adapter_only(ckpt: Path) -> bool:
+    from encdec.train.checkpoint import read_meta
+
+    return bool(read_meta(ckpt).get("adapter_only", False))
 
 
 def _encoder_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ __all__ = [
     "capture_rng",
     "evaluate",
     "freeze",
+    "load_init_from",
     "load_pretrained_weights",
     "restore_rng",
     "seed_everything",
@@ -62,6 +63,8 @@ class LoopConfig:
         adapter_only: checkpoints hold only trainable parameters (default: True for PEFT runs, whose frozen
             base is rebuilt from the pretrained weights and the seed on resume).
         reshard_after_forward: FSDP only: free gathered weights after each unit's forward (least memory).
+        build_on_rank0: FSDP only: rank 0 builds the model (and loads its weights), other ranks build it on the
+            meta device and receive their shards from rank 0 at set-up (least host memory per rank).
     """
 
     max_steps: int | None = None
@@ -81,6 +84,7 @@ class LoopConfig:
     best_mode_name: str | None = None
     adapter_only: bool | None = None
     reshard_after_forward: bool = True
+    build_on_rank0: bool = True
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any]) -> LoopConfig:
@@ -129,6 +133,7 @@ class LoopConfig:
         opts: dict[str, Any] = {"adapter_only": bool(adapter_only)}
         if self.strategy == "fsdp":
             opts["reshard_after_forward"] = self.reshard_after_forward
+            opts["build_on_rank0"] = self.build_on_rank0
         if self.strategy == "deepspeed":
             opts["zero_stage"] = self.zero_stage
             opts["micro_batch"] = int(data_section["global_batch_size"]) // (world_size * grad_accum)
@@ -173,6 +178,21 @@ def load_pretrained_weights(net: nn.Module) -> list[str]:
     from encdec.models.backbones.prithvi_load import load_pretrained
 
     return load_pretrained(net)
+
+
+def load_init_from(net: nn.Module, path: str) -> None:
+    """Load a TerraTorch (Lightning ``.ckpt``) checkpoint or a plain state-dict file into the built model.
+
+    Called after the build, the pretrained load and PEFT (TerraTorch's key names are mapped onto the PEFT-wrapped
+    layout), before the trainable set and sharding.
+
+    Raises:
+        encdec.models.terratorch_ckpt.CheckpointReadError: missing or unreadable file, or no weights in it.
+        encdec.models.terratorch_ckpt.CheckpointMismatch: the checkpoint's keys or shapes do not fit the model.
+    """
+    from encdec.models.terratorch_ckpt import load_terratorch_weights, read_checkpoint
+
+    load_terratorch_weights(net, read_checkpoint(path))
 
 
 def _is_peft(module: nn.Module) -> bool:
@@ -254,7 +274,7 @@ def evaluate(strategy: Any, val_iter: Any, loss_fn: Any, *, task: str, num_class
                 with strategy.autocast():
                     out = module(batch["image"], **{k: batch[k] for k in ("temporal_coords", "location_coords") if k in batch})
                 meter.update(out, batch)
-                metrics.update(out.output.float(), target_of(task, batch))
+                metrics.update(out.output.float(), target_of(task, batch), valid=loss_fn.valid_mask(batch))
     finally:
         module.train(was_training)
     return {"val/loss": meter.compute(), **{f"val/{k}": v for k, v in metrics.compute().items()}}

@@ -12,6 +12,10 @@ Loss section (``loss:`` in the recipe):
   ``huber``; classification ``ce``; scalar_regression ``mse`` | ``l1`` | ``huber``.
 * ``ignore_index``: target value to skip (segmentation / classification, default -1); for regression a nodata
   value to skip (default none; NaN targets are always skipped).
+
+Padded and bad samples (``sample_id == -1``: the data fills a global batch with them, and with -1 masks / NaN
+regression targets / -1 labels) never count, whatever ``ignore_index`` is: a regression or scalar label of -1
+would otherwise be a real target, and a -1 class with ``ignore_index: 255`` an error.
 * ``class_weights``: per-class weights of the cross-entropy (``null`` = equal).
 * ``dice_weight`` (``ce_dice`` only, default 1.0), ``dice_smooth`` (default 1.0), ``huber_delta`` (default 1.0).
 * ``aux_weights``: ``{aux head name: weight}``; auxiliary heads not listed get weight 1.0.
@@ -26,7 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "LossConfigError", "TaskLoss", "build_loss", "target_of"]
+__all__ = ["LOSSES", "PAD_SAMPLE_ID", "LossConfigError", "TaskLoss", "build_loss", "target_of"]
+
+PAD_SAMPLE_ID = -1
+"""``sample_id`` of a padded or bad sample (the data contract, INTERFACES.md)."""
 
 LOSSES: dict[str, tuple[str, ...]] = {
     "segmentation": ("ce", "dice", "ce_dice"),
@@ -102,8 +109,19 @@ class TaskLoss:
             return torch.ones_like(target, dtype=torch.bool)
         return target != self.ignore_index
 
-    def _check_classes(self, target: Tensor, num_classes: int) -> None:
-        valid = target[self._valid(target)]
+    def valid_mask(self, batch: Mapping[str, Any]) -> Tensor:
+        """Boolean mask (the target's shape) of the targets that count: not ignored, not NaN, and not in a padded
+        or bad sample (``sample_id == -1``)."""
+        target = target_of(self.task, batch)
+        valid = self._valid(target)
+        ids = batch.get("sample_id")
+        if ids is not None:
+            rows = torch.as_tensor(ids).to(valid.device) != PAD_SAMPLE_ID
+            valid = valid & rows.reshape(-1, *([1] * (valid.dim() - 1)))
+        return valid
+
+    def _check_classes(self, target: Tensor, valid: Tensor, num_classes: int) -> None:
+        valid = target[valid]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_classes):
             bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
             raise ValueError(
@@ -115,11 +133,11 @@ class TaskLoss:
         """Per-term normalisers of this batch (float64, no grad): valid target count (weighted by class
         weight for ``ce``), or the number of samples for ``dice``."""
         target = target_of(self.task, batch)
-        valid = self._valid(target)
+        valid = self.valid_mask(batch)
         out = []
         for term in self.terms:
-            if term == "dice":
-                out.append(float(target.shape[0]))
+            if term == "dice":  # one term per sample that has any valid pixel (an empty sample adds 0 to the sum)
+                out.append(float(valid.reshape(valid.shape[0], -1).any(dim=1).sum()))
             elif term == "ce" and self.class_weights is not None:
                 idx = target[valid].long()
                 if idx.numel() and int(idx.max()) >= self.class_weights.numel():
@@ -133,7 +151,7 @@ class TaskLoss:
         return torch.tensor(out, dtype=torch.float64)
 
     # -- sums ---------------------------------------------------------------------------------------------
-    def _term_sum(self, term: str, pred: Tensor, target: Tensor) -> Tensor:
+    def _term_sum(self, term: str, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         pred = pred.float()  # losses in fp32 whatever the compute dtype
         if term == "ce":
             if pred.dim() != target.dim() + 1:
@@ -141,18 +159,18 @@ class TaskLoss:
                     f"cross-entropy needs logits with one more dim than the target; got {tuple(pred.shape)} "
                     f"logits for a {tuple(target.shape)} target"
                 )
-            self._check_classes(target, pred.shape[1])
+            self._check_classes(target, valid, pred.shape[1])
             weight = None if self.class_weights is None else self.class_weights.to(pred.device)
-            ignore = -100 if self.ignore_index is None else int(self.ignore_index)
-            return F.cross_entropy(pred, target.long(), weight=weight, ignore_index=ignore, reduction="sum")
+            # every target that does not count becomes cross_entropy's own ignore value
+            labels = torch.where(valid, target.long(), torch.full_like(target, -100, dtype=torch.long))
+            return F.cross_entropy(pred, labels, weight=weight, ignore_index=-100, reduction="sum")
         if term == "dice":
-            return self._dice_sum(pred, target)
+            return self._dice_sum(pred, target, valid)
         if pred.shape != target.shape:
             raise ValueError(
                 f"regression output {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape; "
                 "a single-output regression model returns [B, H, W] (or [B] for scalar_regression)"
             )
-        valid = self._valid(target)
         diff = pred[valid] - target[valid].float()
         if term == "mse":
             return (diff * diff).sum()
@@ -160,21 +178,24 @@ class TaskLoss:
             return diff.abs().sum()
         return F.huber_loss(diff, torch.zeros_like(diff), delta=self.huber_delta, reduction="sum")
 
-    def _dice_sum(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Sum over samples of ``1 - mean_c dice_c`` with softmax probabilities, ignored pixels left out."""
+    def _dice_sum(self, logits: Tensor, target: Tensor, valid_mask: Tensor) -> Tensor:
+        """Sum over samples of ``1 - mean_c dice_c`` with softmax probabilities, ignored pixels left out (a sample
+        without any valid pixel adds nothing)."""
         num_classes = logits.shape[1]
-        self._check_classes(target, num_classes)
-        valid = self._valid(target).unsqueeze(1).to(logits.dtype)  # [B,1,H,W]
+        self._check_classes(target, valid_mask, num_classes)
+        valid = valid_mask.unsqueeze(1).to(logits.dtype)  # [B,1,H,W]
+        labels = torch.where(valid_mask, target.long(), torch.zeros_like(target, dtype=torch.long))
         probs = logits.softmax(dim=1) * valid
-        onehot = F.one_hot(target.clamp(min=0).long(), num_classes).movedim(-1, 1).to(logits.dtype) * valid
+        onehot = F.one_hot(labels, num_classes).movedim(-1, 1).to(logits.dtype) * valid
         dims = tuple(range(2, logits.dim()))
         inter = (probs * onehot).sum(dims)
         denom = probs.sum(dims) + onehot.sum(dims)
         dice = (2 * inter + self.dice_smooth) / (denom + self.dice_smooth)  # [B, C]
-        return (1 - dice.mean(dim=1)).sum()
+        counts = valid_mask.reshape(valid_mask.shape[0], -1).any(dim=1).to(logits.dtype)
+        return ((1 - dice.mean(dim=1)) * counts).sum()
 
-    def _head_sums(self, pred: Tensor, target: Tensor) -> Tensor:
-        return torch.stack([self._term_sum(term, pred, target) for term in self.terms])
+    def _head_sums(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        return torch.stack([self._term_sum(term, pred, target, valid) for term in self.terms])
 
     def sums(self, output: Any, batch: Mapping[str, Any]) -> Tensor:
         """Per-term loss sums of this batch (differentiable), auxiliary heads added with their weights.
@@ -184,10 +205,11 @@ class TaskLoss:
             batch: the batch the output came from.
         """
         target = target_of(self.task, batch)
+        valid = self.valid_mask(batch)
         main = getattr(output, "output", output)
-        total = self._head_sums(main, target)
+        total = self._head_sums(main, target, valid)
         for name, aux in (getattr(output, "auxiliary_heads", None) or {}).items():
-            total = total + float(self.aux_weights.get(name, 1.0)) * self._head_sums(aux, target)
+            total = total + float(self.aux_weights.get(name, 1.0)) * self._head_sums(aux, target, valid)
         return total
 
     def combine(self, sums: Tensor, normalizers: Tensor) -> Tensor:

@@ -47,10 +47,15 @@ class SegmentationMetrics:
         self.class_names = class_names or [str(i) for i in range(self.num_classes)]
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64)
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        """Add a batch: ``logits`` ``[B, C, H, W]``, ``target`` ``[B, H, W]`` (rows = target, cols = prediction)."""
+    def update(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
+        """Add a batch: ``logits`` ``[B, C, H, W]``, ``target`` ``[B, H, W]`` (rows = target, cols = prediction).
+
+        ``valid`` (target's shape) further restricts the pixels counted, e.g. ``TaskLoss.valid_mask(batch)``,
+        which leaves out padded samples.
+        """
         pred = logits.argmax(dim=1)
-        valid = target != self.ignore_index if self.ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+        valid = _and(target != self.ignore_index if self.ignore_index is not None
+                     else torch.ones_like(target, dtype=torch.bool), valid)
         t, p = target[valid].long(), pred[valid].long()
         idx = (t * self.num_classes + p).cpu()
         self.confusion += torch.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, -1).double()
@@ -78,8 +83,9 @@ class SegmentationMetrics:
 class ClassificationMetrics(SegmentationMetrics):
     """Confusion matrix of ``[B, C]`` logits against ``[B]`` labels -> accuracy, mAcc, per-class IoU."""
 
-    def update(self, logits: Tensor, target: Tensor) -> None:
-        super().update(logits.reshape(*logits.shape, 1, 1), target.reshape(-1, 1, 1))
+    def update(self, logits: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
+        super().update(logits.reshape(*logits.shape, 1, 1), target.reshape(-1, 1, 1),
+                       None if valid is None else valid.reshape(-1, 1, 1))
 
 
 class RegressionMetrics:
@@ -93,9 +99,9 @@ class RegressionMetrics:
         self.ignore_index = ignore_index
         self.totals = torch.zeros(3, dtype=torch.float64)  # squared error, absolute error, count
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add a batch of predictions and targets of the same shape."""
-        valid = ~torch.isnan(target)
+    def update(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
+        """Add a batch of predictions and targets of the same shape (``valid``: see ``SegmentationMetrics``)."""
+        valid = _and(~torch.isnan(target), valid)
         if self.ignore_index is not None:
             valid &= target != self.ignore_index
         diff = (pred.float()[valid] - target.float()[valid]).double()
@@ -128,6 +134,10 @@ class LossMeter:
         both = all_reduce_sum(torch.cat([self.sums, self.norms]))
         n = len(self.loss.terms)
         return float(self.loss.combine(both[:n], both[n:]))
+
+
+def _and(mask: Tensor, extra: Tensor | None) -> Tensor:
+    return mask if extra is None else mask & extra.to(mask.device)
 
 
 def _nanmean(t: Tensor) -> float:

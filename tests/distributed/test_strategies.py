@@ -39,7 +39,8 @@ CASES: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     # name: (strategy, make_strategy options, model kind, extra run options)
     "ddp-vit_lora": ("ddp", {}, "vit_lora", {}),
     "fsdp-vit_lora-adapter_only-ac": ("fsdp", {"adapter_only": True}, "vit_lora", AC),
-    "fsdp-cnn": ("fsdp", {}, "cnn", {}),
+    # every rank builds and shards its own copy (the default, build_on_rank0, is covered by the vit_lora case)
+    "fsdp-cnn-every_rank_builds": ("fsdp", {"build_on_rank0": False}, "cnn", {}),
     "zero2-vit_lora-ac": ("deepspeed", {"zero_stage": 2, "micro_batch": 2}, "vit_lora", AC),
     "zero3-vit_lora-adapter_only": ("deepspeed", {"zero_stage": 3, "micro_batch": 2, "adapter_only": True}, "vit_lora", {}),
 }
@@ -69,7 +70,8 @@ def _resume_world1(strategy: str, opts: dict[str, Any], model: str, ckpt: Path) 
     if strategy == "deepspeed":  # DeepSpeed needs its own (1-rank) process group: run it in a child
         return run_distributed(train_run, 1, spec, timeout_s=300)[0]
     # DCP checkpoints load into any of none/ddp/fsdp: resume in this process with strategy "none"
-    return train_run(0, 1, {**spec, "strategy": "none"})
+    common = {k: v for k, v in opts.items() if k == "adapter_only"}  # the sharding options do not apply to "none"
+    return train_run(0, 1, {**spec, "strategy": "none", "opts": common})
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -40,7 +40,9 @@ def test_strategy_options() -> None:
     assert opts == {"adapter_only": True, "zero_stage": 2, "micro_batch": 2}
     full = LoopConfig.from_section({"max_steps": 1, "strategy": "fsdp", "adapter_only": False})
     assert full.strategy_options({"peft_config": {}}, {"global_batch_size": 16}, 1, 2) == {
-        "adapter_only": False, "reshard_after_forward": True}
+        "adapter_only": False, "reshard_after_forward": True, "build_on_rank0": True}
+    every_rank = LoopConfig.from_section({"max_steps": 1, "strategy": "fsdp", "build_on_rank0": False})
+    assert every_rank.strategy_options({}, {"global_batch_size": 16}, 1, 2)["build_on_rank0"] is False
 
 
 class _Net(nn.Module):
@@ -56,6 +58,26 @@ def test_freeze() -> None:
     assert not net.encoder.weight.requires_grad and net.decoder.weight.requires_grad
     with pytest.raises(LoopConfigError, match="no parameter is trainable"):
         freeze(net, freeze_backbone=True, freeze_decoder=True)
+
+
+def test_freeze_keeps_peft_adapters_and_check_trainable_catches_the_trap() -> None:
+    """The loop's trainable set: freeze_backbone on a PEFT model leaves the adapters trainable; an encoder frozen
+    wholesale after PEFT (TerraTorch's freeze_encoder) is what check_trainable, called before the optimizer, stops."""
+    from encdec.models import build_model
+    from encdec.models.peft import TrainableSetError, check_trainable
+
+    net = build_model("segmentation", backbone="prithvi_eo_tiny", backbone_pretrained=False, backbone_img_size=32,
+                      necks=[{"name": "SelectIndices", "indices": [-1]}, {"name": "ReshapeTokensToImage"}],
+                      decoder="FCNDecoder", decoder_channels=16, num_classes=2,
+                      peft_config={"method": "LORA", "replace_qkv": "qkv",
+                                   "peft_config_kwargs": {"target_modules": ["qkv.q_linear"], "r": 2}})
+    freeze(net, freeze_backbone=True, freeze_decoder=True)
+    check_trainable(net)
+    assert {n for n, p in net.named_parameters() if p.requires_grad} and all(
+        "lora_" in n for n, p in net.encoder.named_parameters() if p.requires_grad)
+    net.encoder.requires_grad_(False)
+    with pytest.raises(TrainableSetError, match="adapter tensors of the backbone are frozen"):
+        check_trainable(net)
 
 
 def test_rng_roundtrip_and_reseed_on_world_size_change() -> None:

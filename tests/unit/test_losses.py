@@ -130,3 +130,48 @@ def test_target_outside_classes_is_a_clear_error() -> None:
         loss(torch.randn(1, 3, 2, 2), {"mask": torch.tensor([[[0, 5], [1, 2]]])})
     with pytest.raises(KeyError, match="needs batch\\['mask'\\]"):
         loss(torch.randn(1, 3, 2, 2), {"label": torch.tensor([1])})
+
+
+def _with_padding(batch: dict, key: str, fill: float) -> dict:
+    """``batch`` with a padded sample (sample_id -1, target ``fill``) in front, as the data pads a batch."""
+    target = batch[key]
+    pad = torch.full_like(target[:1], fill)
+    ids = torch.arange(target.shape[0] + 1) - 1  # -1, 0, 1, ...
+    return {key: torch.cat([pad, target]), "sample_id": ids}
+
+
+@pytest.mark.parametrize(
+    ("task", "section", "key", "fill"),
+    [
+        ("regression", {"name": "mse"}, "mask", float("nan")),  # what the data writes for regression padding
+        ("regression", {"name": "huber"}, "mask", -1.0),  # a finite value still does not count
+        ("scalar_regression", {"name": "l1"}, "label", -1.0),  # a -1 label is a real value for regression
+        ("segmentation", {"name": "ce", "ignore_index": 255}, "mask", -1),  # -1 is no class and not ignore_index
+        ("segmentation", {"name": "ce_dice"}, "mask", -1),
+        ("classification", {"name": "ce", "class_weights": [1.0, 2.0, 3.0]}, "label", -1),
+    ],
+)
+def test_padded_samples_never_count(task: str, section: dict, key: str, fill: float) -> None:
+    """A padded/bad sample (sample_id -1) leaves loss and normaliser as if the batch did not hold it, with finite
+    gradients, whatever its target holds and whatever ignore_index is."""
+    g = torch.Generator().manual_seed(3)
+    if task in ("regression", "segmentation"):
+        logits = torch.randn(3, 3, 4, 4, generator=g)
+        target = torch.randn(3, 4, 4, generator=g) if task == "regression" else torch.randint(0, 3, (3, 4, 4), generator=g)
+        if task == "regression":
+            logits = logits[:, 0]
+            target[1, 0, :2] = float("nan")  # NaN targets of a real sample are skipped too
+    else:
+        logits = torch.randn(3, 3, generator=g) if task == "classification" else torch.randn(3, generator=g)
+        target = torch.randint(0, 3, (3,), generator=g) if task == "classification" else torch.randn(3, generator=g)
+    loss = build_loss(task, section)
+    plain = {key: target}
+    padded = _with_padding(plain, key, fill)
+    pred = torch.cat([torch.randn_like(logits[:1]), logits]).requires_grad_(True)
+    want = loss(logits, plain)
+    got = loss(pred, padded)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(loss.normalizers(padded), loss.normalizers(plain))
+    got.backward()
+    assert torch.isfinite(pred.grad).all() and float(pred.grad[0].abs().sum()) == 0.0

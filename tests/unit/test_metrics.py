@@ -122,3 +122,20 @@ def test_metrics_are_exact_across_ranks() -> None:
     # the naive mean of per-rank values is measurably different, so the test can tell the two apart
     naive = (_metrics_of(slice(0, 2))["rmse"] + _metrics_of(slice(2, 6))["rmse"]) / 2
     assert abs(naive - single["rmse"]) > 1e-3
+
+
+def test_valid_mask_leaves_padded_samples_out_of_every_metric() -> None:
+    """evaluate() passes TaskLoss.valid_mask(batch): padded samples (sample_id -1) are not counted even where
+    their target would be (ignore_index None, or a finite regression target)."""
+    loss = build_loss("segmentation", {"name": "ce", "ignore_index": None})
+    target = torch.tensor([[[-1, -1]], [[0, 1]]])
+    batch = {"mask": target, "sample_id": torch.tensor([-1, 7])}
+    seg = SegmentationMetrics(2, ignore_index=None)
+    seg.update(_onehot_logits(torch.tensor([[[0, 0]], [[0, 1]]]), 2), target, valid=loss.valid_mask(batch))
+    assert seg.compute()["accuracy"] == 1.0 and float(seg.confusion.sum()) == 2.0
+
+    reg_loss = build_loss("regression", {"name": "mse"})
+    reg_target = torch.tensor([[5.0, 5.0], [1.0, float("nan")]])
+    reg = RegressionMetrics()
+    reg.update(torch.zeros(2, 2), reg_target, valid=reg_loss.valid_mask({"mask": reg_target, "sample_id": torch.tensor([-1, 3])}))
+    assert reg.compute() == {"rmse": 1.0, "mae": 1.0}
