@@ -6,13 +6,15 @@ factory contract), the task class, loss / ignore_index / class_weights / freeze 
 statistics, roots and file patterns, batch size, the optimizer and cosine schedule, epochs/steps, precision,
 accumulation, clipping, seed, nodes/devices and the Lightning strategy. Everything else is listed, with why,
 at the top of the written recipe and on the terminal, so nothing is dropped silently.
+
+The weights of a TerraTorch run come in with ``--init-from FILE.ckpt``: ``encdec.models.terratorch_ckpt`` reads
+the Lightning checkpoint (without TerraTorch installed) and maps its key names; ``encdec.launcher.init_from``
+checks it against the recipe's model before any cluster starts.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import pickle
 import re
 import sys
 from collections.abc import Mapping
@@ -23,7 +25,7 @@ import yaml
 
 from encdec.launcher.errors import LaunchError
 
-__all__ = ["convert", "convert_command", "terratorch_state_dict"]
+__all__ = ["convert", "convert_command"]
 
 TASKS = {
     "SemanticSegmentationTask": "segmentation",
@@ -211,10 +213,13 @@ def _convert_optim(opt: Any, sched: Any) -> tuple[dict[str, Any], list[str]]:
         out["name"] = "sgd" if name == "sgd" else "adamw"
         if name not in ("adamw", "adam", "sgd"):
             notes.append(f"optimizer {opt.get('class_path')!r}: using adamw")
-        for key in ("lr", "weight_decay", "momentum", "eps"):
+        # only the chosen optimizer's own options: the recipe refuses the other one's (momentum under AdamW)
+        for key in ("lr", "weight_decay", "momentum" if out["name"] == "sgd" else "eps"):
             if key in args:
                 out[key] = float(args.pop(key))
-        if "betas" in args:
+        if out["name"] == "sgd" and "nesterov" in args:
+            out["nesterov"] = bool(args.pop("nesterov"))
+        if out["name"] == "adamw" and "betas" in args:
             out["betas"] = list(args.pop("betas"))
         notes += [f"optimizer.init_args.{k}: no equivalent" for k in sorted(args)]
     if isinstance(sched, Mapping):
@@ -257,60 +262,3 @@ def convert_command(args: argparse.Namespace) -> int:
     for n in notes:
         print(f"not mapped: {n}", file=sys.stderr)
     return 0
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-class _Stub:
-    """Stands in for classes of packages that are not installed (TerraTorch's, Lightning's) while unpickling."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Stub,), {"__module__": module})
-
-
-class _PickleModule:
-    Unpickler = _TolerantUnpickler
-    __name__ = "encdec_tolerant_pickle"
-
-    @staticmethod
-    def load(f: io.BufferedIOBase, **kw: Any) -> Any:
-        return _TolerantUnpickler(f, **kw).load()
-
-
-def terratorch_state_dict(path: str | Path) -> dict[str, Any]:
-    """The model weights of a TerraTorch (Lightning) checkpoint, with the task's ``model.`` prefix removed.
-
-    Works without TerraTorch or Lightning installed: classes the file references (hyper-parameters, callbacks)
-    are replaced by stubs; only the tensors of ``state_dict`` are kept. A plain state dict file works too.
-
-    Raises:
-        LaunchError: unreadable file, or no ``model.`` weights in it.
-    """
-    import torch
-
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_PickleModule)
-        except Exception as err:
-            raise LaunchError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
-    if not isinstance(sd, Mapping):
-        raise LaunchError(f"{path} holds no state_dict")
-    tensors = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    if any(k.startswith("model.") for k in tensors):
-        tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    if not tensors:
-        raise LaunchError(f"{path} has no model weights (expected keys under 'model.')")
-    return tensors

@@ -8,10 +8,11 @@ a second Ctrl-C aborts without a checkpoint.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from encdec.launcher.errors import LaunchError
 if TYPE_CHECKING:
     from encdec.launcher.schema import Recipe
 
-__all__ = ["FitOutcome", "ProgressSink", "check_capacity", "fit", "scaling_spec"]
+__all__ = ["FitOutcome", "ProgressSink", "check_capacity", "fit", "scaling_spec", "worker_env"]
 
 
 def scaling_spec(recipe: Recipe) -> dict[str, Any]:
@@ -47,13 +48,38 @@ def scaling_spec(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+MALLOC_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+
+def worker_env(recipe: Recipe, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables the training workers start with (``RunConfig.worker_runtime_env``).
+
+    CPU workers get ``MALLOC_MMAP_THRESHOLD_`` (``cluster.malloc_mmap_threshold``). glibc reads it once, when a
+    process starts, so it must be in the worker's environment at exec: Ray's runtime_env ``env_vars`` are. Without
+    it glibc raises its mmap threshold after large frees, and what a worker frees (the full fp32 build before
+    sharding, the parameters FSDP2 / ZeRO-3 gather and free at every step) stays in its heap: FSDP2's full
+    fine-tune peaked at 0.73x DDP's memory instead of 0.56x. A value the user gave wins: ``cluster.runtime_env.env_vars``
+    (Ray merges it in; nothing is added here) or the launching shell's (passed on, also to remote clusters).
+    GPU workers get nothing: their large tensors live in device memory.
+    """
+    environ = os.environ if environ is None else environ
+    c = recipe.cluster
+    if c.gpus_per_worker or MALLOC_ENV in ((c.runtime_env or {}).get("env_vars") or {}):
+        return {}
+    if MALLOC_ENV in environ:
+        return {MALLOC_ENV: environ[MALLOC_ENV]}
+    return {} if c.malloc_mmap_threshold is None else {MALLOC_ENV: str(c.malloc_mmap_threshold)}
+
+
 def run_spec(recipe: Recipe, run_dir: Path) -> dict[str, Any]:
-    """What ``RunConfig`` will be (storage, name, failures, retention) for the dry-run printout."""
+    """What ``RunConfig`` will be (storage, name, failures, retention, worker env) for the dry-run printout."""
+    env = worker_env(recipe)
     return {
         "name": run_dir.name,
         "storage_path": str(run_dir.parent),
         "max_failures": recipe.train.max_failures,
         "checkpoints": f"engine keeps the last {recipe.train.keep_last} + the best (reported to Ray without copying)",
+        "worker_env": " ".join(f"{k}={v}" for k, v in env.items()) or "-",
     }
 
 
@@ -201,12 +227,14 @@ def fit(
         train_loop_config=train_config(recipe, run_dir, sink),
         scaling_config=ScalingConfig(**spec),
         torch_config=TorchConfig(backend="nccl" if spec["use_gpu"] else "gloo", timeout_s=1800),
-        run_config=RunConfig(
+        # Train V2's RunConfig at runtime (worker_runtime_env); type checkers resolve ray.air's V1 class
+        run_config=RunConfig(  # type: ignore[call-arg]
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=recipe.train.max_failures),
             # the engine prunes its own checkpoints (keep_last + best); Ray must not delete them under it
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            worker_runtime_env={"env_vars": env} if (env := worker_env(recipe)) else None,
         ),
     )
     outcome = FitOutcome()

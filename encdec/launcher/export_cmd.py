@@ -59,7 +59,7 @@ def restore(run_dir: Path, recipe: Any, ckpt: Path) -> Any:
     from encdec.distributed import make_strategy
     from encdec.models import build_model
     from encdec.train.checkpoint import read_meta
-    from encdec.train.loop_parts import LoopConfig, freeze, load_pretrained_weights, seed_everything
+    from encdec.train.loop_parts import LoopConfig, freeze, load_init_from, load_pretrained_weights, seed_everything
 
     meta = read_meta(ckpt)
     cfg = LoopConfig.from_section(recipe.section("train"))
@@ -70,6 +70,9 @@ def restore(run_dir: Path, recipe: Any, ckpt: Path) -> Any:
     seed_everything(recipe.run.seed)  # adapter-only checkpoints rebuild the frozen base from the seed/weights
     net = build_model(recipe.task, **model_section)
     load_pretrained_weights(net)
+    if meta.get("adapter_only") and recipe.run.init_from:
+        # an adapter-only checkpoint holds no frozen weights: they came from init_from, as in the run itself
+        load_init_from(net, recipe.run.init_from)
     freeze(net, freeze_backbone=cfg.freeze_backbone, freeze_decoder=cfg.freeze_decoder)
     opts = cfg.strategy_options(model_section, recipe.section("data"), 1, 1)
     strategy = make_strategy(name, **opts)

@@ -21,6 +21,7 @@ from encdec.launcher.overrides import FLAG_PATHS
 
 __all__ = ["load_for_run", "plan_command", "recipe_command", "run_command"]
 
+
 def _console(stderr: bool = False) -> Any:
     from rich.console import Console
 
@@ -150,13 +151,16 @@ def recipe_command(args: argparse.Namespace) -> int:
 def run_command(args: argparse.Namespace) -> int:
     """``encdec-launch RECIPE [flags]``."""
     from encdec.launcher.driver import run_spec, scaling_spec
+    from encdec.launcher.init_from import check_init_from
     from encdec.launcher.plan import make_plan
     from encdec.launcher.plan_view import render_launch, render_plan
+    from encdec.launcher.rundir import latest_checkpoint
 
     console = _console()
     recipe, existing, recipe_path = load_for_run(args)
     plan = make_plan(recipe)
-    check_init_from(recipe)
+    if existing is None or latest_checkpoint(existing) is None:  # resuming: the run's checkpoint wins, unread
+        check_init_from(recipe)
     where = ("Slurm" if args.slurm else "Kubernetes" if args.k8s else "Ray Job" if args.submit else
              f"Ray cluster at {args.address}" if args.address else
              f"local Ray cluster ({args.simulate_nodes or 1} node{'s' if (args.simulate_nodes or 1) > 1 else ''})")
@@ -233,22 +237,6 @@ def open_run_dir(recipe: Any, existing: Path | None, mode: str) -> Path:
     else:
         update_launch(existing, resumed=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return existing
-
-
-def check_init_from(recipe: Any) -> None:
-    """``run.init_from`` / ``--init-from``: the file must exist and the engine must take it (before any cluster)."""
-    if not recipe.run.init_from:
-        return
-    import inspect
-
-    from encdec.train.loop import train
-
-    path = Path(recipe.run.init_from)
-    if not path.is_file():
-        raise LaunchError(f"run.init_from / --init-from {path}: no such file (a TerraTorch .ckpt or a state dict)")
-    if "init_from" not in inspect.signature(train).parameters:
-        raise LaunchError("run.init_from needs encdec.train.loop.train(init_from=...), which this engine version "
-                          "does not have; start from backbone_ckpt_path weights instead")
 
 
 def _mode(args: argparse.Namespace) -> str:

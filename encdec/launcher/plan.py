@@ -53,6 +53,7 @@ __all__ = [
     "build_meta_model",
     "check_names",
     "make_plan",
+    "no_pretrained",
 ]
 
 GiB = 1024**3
@@ -212,7 +213,7 @@ def check_names(recipe: Recipe) -> list[RecipeIssue]:
     return issues
 
 
-def _no_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
+def no_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The planner never reads weights: pretrained flags off and weight paths dropped for the meta build."""
     kwargs = dict(kwargs)
     kwargs.pop("backbone_ckpt_path", None)
@@ -237,7 +238,7 @@ def build_meta_model(recipe: Recipe) -> nn.Module:
         raise recipe.error(issues)
     from encdec.launcher import plan_lora
 
-    kwargs = _no_pretrained(recipe.section("model"))
+    kwargs = no_pretrained(recipe.section("model"))
     peft_config = kwargs.get("peft_config")
     # plain LoRA is planned without importing peft (and transformers): see plan_lora
     fast = plan_lora.supports(peft_config)

@@ -72,7 +72,9 @@ def render_launch(console: Console, scaling: dict[str, Any], run: dict[str, Any]
     t.add_column(style="bold")
     t.add_column()
     t.add_row("ScalingConfig", ", ".join(f"{k}={v}" for k, v in scaling.items()))
-    t.add_row("RunConfig", ", ".join(f"{k}={v}" for k, v in run.items() if k != "checkpoints"))
+    t.add_row("RunConfig", ", ".join(f"{k}={v}" for k, v in run.items() if k not in ("checkpoints", "worker_env")))
     t.add_row("FailureConfig", f"max_failures={run['max_failures']}")
     t.add_row("checkpoints", run["checkpoints"])
+    if "worker_env" in run:
+        t.add_row("worker env", run["worker_env"])
     console.print(t)

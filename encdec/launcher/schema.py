@@ -304,15 +304,30 @@ class OptimSection(Section):
     name: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer (over trainable parameters only).")
     lr: float = Field(1e-4, gt=0, le=10, description="Peak learning rate.")
     weight_decay: float = Field(0.05, ge=0, description="Decoupled weight decay (adamw) / L2 (sgd).")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="AdamW betas (decay rates of the gradient mean and square), each in [0, 1)."
+    )
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon (added to the root of the second moment).")
+    fused: bool = Field(
+        True, description="AdamW: one fused kernel per step instead of ~10 passes (CPU and CUDA, also on FSDP2 "
+        "shards); false = the for-each implementation."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
-    nesterov: bool = Field(False, description="SGD Nesterov momentum.")
+    nesterov: bool = Field(False, description="SGD Nesterov momentum (needs momentum > 0).")
     schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warmup: cosine decay or constant.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
-    min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedule.")
+    min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedule (at most lr).")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = off.")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        from pydantic_core import PydanticCustomError
+
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise PydanticCustomError("betas_range", "each beta must be in [0, 1) (e.g. [0.9, 0.999])", {})
+        return v
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -345,6 +360,10 @@ class TrainSection(Section):
         None, description="Checkpoints hold only trainable parameters (default: true for PEFT runs)."
     )
     reshard_after_forward: bool = Field(True, description="FSDP: free gathered weights after each unit's forward.")
+    build_on_rank0: bool = Field(
+        True, description="FSDP: rank 0 builds the model and loads its weights; the other ranks build it on the meta "
+        "device and receive their shards from rank 0 (least host memory per rank)."
+    )
     max_failures: int = Field(
         3, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1 = always)."
     )
@@ -397,6 +416,13 @@ class ClusterSection(Section):
     )
     runtime_env: dict[str, Any] | None = Field(
         None, description="Ray runtime_env for --address/--submit (working_dir, pip, env_vars)."
+    )
+    malloc_mmap_threshold: int | None = Field(
+        131072, ge=0, le=33554432,
+        description="CPU workers start with MALLOC_MMAP_THRESHOLD_=this (bytes): glibc then serves larger blocks "
+        "with mmap and returns them to the OS when freed, instead of raising the threshold and keeping freed heap "
+        "(FSDP2 full fine-tune on CPU: 0.56x DDP's peak memory with it, 0.73x without; benchmarks/README.md). "
+        "null = glibc's default. A value in runtime_env.env_vars or the launching shell wins. GPU workers: unset.",
     )
     slurm: SlurmSection = Field(default_factory=SlurmSection, description="Slurm settings for --slurm.")  # type: ignore[arg-type]
 

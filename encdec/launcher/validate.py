@@ -99,7 +99,9 @@ def cross_checks(recipe: Recipe) -> list[RecipeIssue]:
                             "LoRA needs target modules", has_value=False,
                             fix="e.g. target_modules: [qkv.q_linear, qkv.v_linear] with replace_qkv: qkv")
             )
-    return issues
+    from encdec.launcher.validate_options import option_checks
+
+    return issues + option_checks(recipe)
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -66,6 +66,19 @@ def _current_rss_gb() -> float:
         return 0.0
 
 
+def _exec_env(name: str) -> str | None:
+    """``name`` as this process was started with (what glibc read at exec), not as Python may have changed it."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                key, _, value = item.partition(b"=")
+                if key.decode(errors="replace") == name:
+                    return value.decode(errors="replace")
+    except OSError:  # not Linux: the Python view is the best there is
+        return os.environ.get(name)
+    return None
+
+
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     """Ray reports must be JSON-friendly scalars."""
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
@@ -93,6 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     record = {
         "pid": os.getpid(), "node_rank": ctx.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
         "started": time.time(), "start_rss_gb": _current_rss_gb(),
+        "malloc_mmap_threshold": _exec_env("MALLOC_MMAP_THRESHOLD_"),
     }
     pid_file = run_dir / "workers" / f"rank{rank}.json"
     pid_file.parent.mkdir(exist_ok=True)
@@ -121,11 +135,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return checked["stop"]
 
     resume = str(run_dir) if latest_checkpoint(run_dir) is not None else None
-    extra = {"init_from": config["init_from"]} if config.get("init_from") and resume is None else {}
-    final = train(
+    final = train(  # the engine ignores init_from when it resumes (the run's own checkpoint wins)
         task=config["task"], model=config["model"], loss=config["loss"], data=config["data"], optim=config["optim"],
         train=config["train"], seed=int(config["seed"]), run_dir=str(run_dir), resume=resume, report=report,
-        stop_requested=stop_requested, **extra,
+        stop_requested=stop_requested, init_from=config.get("init_from"),
     )
     peak = _peak_memory()
     pid_file.write_text(json.dumps({**record, **peak, "final_step": final.get("step")}))

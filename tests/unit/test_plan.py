@@ -139,3 +139,21 @@ def test_plan_does_not_import_peft() -> None:
             "print('peft' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_cpu_workers_get_the_malloc_threshold_unless_the_user_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from encdec.launcher.driver import MALLOC_ENV, run_spec, worker_env
+
+    quick = REPO / "recipes" / "quickstart.yaml"
+    recipe = load_recipe(quick, ["cluster.gpus_per_worker=0"])
+    assert worker_env(recipe, {}) == {MALLOC_ENV: "131072"}
+    monkeypatch.delenv(MALLOC_ENV, raising=False)
+    assert run_spec(recipe, Path("/runs/q-1"))["worker_env"] == f"{MALLOC_ENV}=131072"  # shown by --dry-run
+    assert worker_env(recipe, {MALLOC_ENV: "65536"}) == {MALLOC_ENV: "65536"}  # the launching shell's value wins
+    set_in_recipe = load_recipe(quick, ["cluster.gpus_per_worker=0",
+                                        "cluster.runtime_env={env_vars: {MALLOC_MMAP_THRESHOLD_: '262144'}}"])
+    assert worker_env(set_in_recipe, {}) == {}  # Ray merges the recipe's own env_vars in; nothing to add
+    assert worker_env(load_recipe(quick, ["cluster.gpus_per_worker=0", "cluster.malloc_mmap_threshold=null"]), {}) == {}
+    assert worker_env(load_recipe(quick, ["cluster.gpus_per_worker=1"]), {}) == {}  # GPU workers: left alone
+    with pytest.raises(RecipeError, match=r"cluster\.malloc_mmap_threshold"):
+        load_recipe(quick, ["cluster.malloc_mmap_threshold=-1"])

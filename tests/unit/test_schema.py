@@ -146,3 +146,127 @@ def test_override_typed_like_the_file(tmp_path: Path) -> None:
                     flags={"cluster.nodes": 2, "data.global_batch_size": 8})
     assert r.optim.lr == 3e-4 and r.train.max_steps == 7 and r.cluster.nodes == 2
     assert r.section("model")["necks"] == [{"name": "SelectIndices", "indices": [0]}]
+
+
+# --------------------------------------------------------------------------- the engine's options, end to end
+def _engine_keys() -> dict[str, set[str]]:
+    """The keys the engine reads from each section (its own allow-lists, which reject anything else)."""
+    from dataclasses import fields
+
+    from encdec.train import loop_parts, losses, optim
+
+    renamed = {"best_metric_name": "best_metric", "best_mode_name": "best_mode"}
+    train = {renamed.get(f.name, f.name) for f in fields(loop_parts.LoopConfig)} | loop_parts._LAUNCHER_KEYS
+    return {"loss": set(losses._KEYS), "optim": set(optim._KEYS), "train": train}
+
+
+def test_schema_and_engine_accept_the_same_keys() -> None:
+    from encdec.launcher.schema import LossSection, OptimSection, TrainSection
+
+    schema = {"loss": set(LossSection.model_fields), "optim": set(OptimSection.model_fields),
+              "train": set(TrainSection.model_fields)}
+    engine = _engine_keys()
+    for section in ("loss", "optim", "train"):
+        assert schema[section] - engine[section] == set(), f"{section}: the schema accepts keys the engine rejects"
+        assert engine[section] - schema[section] == set(), f"{section}: engine keys a recipe cannot reach"
+
+
+FULL_OPTIONS: dict[str, Any] = {
+    "loss": {"name": "ce_dice", "ignore_index": 255, "class_weights": [1.0, 3.0], "dice_weight": 0.5,
+             "dice_smooth": 0.25, "aux_weights": {"aux": 0.3}},
+    "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "betas": [0.8, 0.95], "eps": 1e-6, "fused": False,
+              "schedule": "cosine", "warmup_steps": 3, "min_lr": 1e-5, "grad_clip": 0.5, "grad_accum": 2},
+    "train": {"max_steps": 10, "precision": "fp32", "strategy": "fsdp", "zero_stage": 2,
+              "activation_checkpointing": True, "compile": False, "log_every": 3, "val_every": 4, "ckpt_every": 5,
+              "keep_last": 2, "best_metric": "val/IoU_1", "best_mode": "min", "freeze_backbone": True,
+              "freeze_decoder": True, "adapter_only": False, "reshard_after_forward": False, "build_on_rank0": False,
+              "max_failures": 1},
+}
+
+
+def _full_recipe() -> Recipe:
+    data = json.loads(json.dumps(MINIMAL))
+    data["model"]["aux_decoders"] = [{"name": "aux", "decoder": "FCNDecoder"}]
+    data["data"]["val"] = {"tiles": "/data/val"}
+    data.update(json.loads(json.dumps(FULL_OPTIONS)))
+    return recipe_from_dict(data)
+
+
+def test_every_option_reaches_the_engine_as_written() -> None:
+    import torch
+
+    from encdec.train.loop_parts import LoopConfig
+    from encdec.train.losses import build_loss
+    from encdec.train.optim import build_optimizer, check_optim_cfg
+
+    recipe = _full_recipe()
+    for section in ("loss", "optim", "train"):  # as written (the other optimizer's defaults ride along unread)
+        sent = recipe.section(section)
+        assert {k: sent[k] for k in FULL_OPTIONS[section]} == FULL_OPTIONS[section]
+        assert set(sent) - set(FULL_OPTIONS[section]) <= {"momentum", "nesterov"}
+    cfg = LoopConfig.from_section(recipe.section("train"))
+    assert (cfg.log_every, cfg.freeze_backbone, cfg.freeze_decoder, cfg.adapter_only, cfg.reshard_after_forward) == (
+        3, True, True, False, False)
+    assert cfg.best_metric("segmentation") == "val/IoU_1" and cfg.best_mode("segmentation") == "min"
+    opts = cfg.strategy_options(recipe.section("model"), recipe.section("data"), 2, 2)
+    assert (opts["reshard_after_forward"], opts["build_on_rank0"]) == (False, False)
+    loss = build_loss("segmentation", recipe.section("loss"))
+    assert loss.terms == ("ce", "dice") and loss.term_weights.tolist() == [1.0, 0.5]
+    assert (loss.dice_smooth, loss.aux_weights, loss.ignore_index) == (0.25, {"aux": 0.3}, 255)
+    check_optim_cfg(recipe.section("optim"))
+    opt = build_optimizer(torch.nn.Linear(2, 2), recipe.section("optim"))
+    group = opt.param_groups[0]
+    assert (group["betas"], group["eps"], group["fused"]) == ((0.8, 0.95), 1e-6, None)
+    sgd = recipe_from_dict({**MINIMAL, "optim": {"name": "sgd", "momentum": 0.5, "nesterov": True}})
+    group = build_optimizer(torch.nn.Linear(2, 2), sgd.section("optim")).param_groups[0]
+    assert (group["momentum"], group["nesterov"]) == (0.5, True)
+    huber = recipe_from_dict({**MINIMAL, "task": "regression", "loss": {"name": "huber", "huber_delta": 0.2},
+                              "model": {**MINIMAL["model"], "num_classes": 1}})
+    assert build_loss("regression", huber.section("loss")).huber_delta == 0.2
+
+
+def test_resolved_recipes_validate_again() -> None:
+    # a run directory's recipe.yaml spells out every default: no option rule may trip on those
+    for path in RECIPES:
+        recipe = load_recipe(path)
+        assert recipe_from_dict(recipe.to_yaml_dict()).section("optim") == recipe.section("optim")
+    full = _full_recipe()
+    assert recipe_from_dict(full.to_yaml_dict()).section("train") == full.section("train")
+
+
+def test_option_rules_name_the_key_and_the_fix() -> None:
+    bad = json.loads(json.dumps(MINIMAL))
+    bad["model"]["aux_decoders"] = [{"name": "aux_fcn", "decoder": "FCNDecoder"}]
+    bad["loss"] = {"name": "ce", "dice_weight": 2.0, "huber_delta": 1.0, "aux_weights": {"aux_fnc": 0.5}}
+    bad["optim"] = {"name": "adamw", "momentum": 0.8}
+    bad["train"]["best_metric"] = "miou"
+    bad["train"]["reshard_after_forward"] = False
+    err = _issues(bad)
+    assert set(err.paths()) == {"loss.dice_weight", "loss.huber_delta", "loss.aux_weights.aux_fnc", "optim.momentum",
+                                "train.best_metric", "train.reshard_after_forward"}
+    text = str(err)
+    assert "set loss.name to ce_dice" in text and "set loss.name to huber" in text
+    assert "Did you mean 'aux_fcn'?" in text and "Did you mean 'val/mIoU'?" in text
+    assert "set optim.name: sgd" in text and "set train.strategy: fsdp" in text
+    err = _issues({**MINIMAL, "optim": {"betas": [0.9, 1.5]}})  # a schema error (cross-field rules wait for it)
+    assert err.paths() == ["optim.betas"] and "each beta must be in [0, 1)" in str(err)
+    bad["optim"] = {"name": "sgd", "momentum": 0.0, "nesterov": True, "eps": 1e-6, "schedule": "constant",
+                    "min_lr": 1e-3, "lr": 1e-4}
+    bad["loss"] = {"name": "ce"}
+    bad["train"] = {"max_steps": 3, "best_metric": "val/mIoU"}
+    err = _issues(bad)
+    assert set(err.paths()) == {"optim.nesterov", "optim.eps", "optim.min_lr", "train.best_metric"}
+    text = str(err)
+    assert "needs momentum > 0" in text and "is above optim.lr" in text and "set optim.schedule: cosine" in text
+    assert "data.val is not set" in text
+
+
+def test_new_option_typos_get_did_you_mean() -> None:
+    bad = json.loads(json.dumps(MINIMAL))
+    bad["optim"] = {"fuse": False, "nesterow": True}
+    bad["loss"] = {"dice_wieght": 1.0}
+    bad["train"]["log_evry"] = 5
+    text = str(_issues(bad))
+    for wrong, right in (("fuse", "fused"), ("nesterow", "nesterov"), ("dice_wieght", "dice_weight"),
+                         ("log_evry", "log_every")):
+        assert f"Did you mean '{right}'" in text, wrong
