@@ -11,18 +11,18 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from encdec.data.batch import SampleLoader, to_torch
 from encdec.data.plan import FeedPlan
+from encdec.data.position import PlannedIterator
 
 LOG = logging.getLogger("encdec.data")
 
 
-class TileIterator:
+class TileIterator(PlannedIterator):
     """Iterates this rank's micro-batches (a global step is ``grad_accum`` consecutive ones).
 
     Train: endless over epochs (a fresh seeded permutation per epoch). Val/test: one full pass per ``iter()``.
@@ -38,69 +38,18 @@ class TileIterator:
     """
 
     def __init__(self, plan: FeedPlan, loader: SampleLoader, *, threads: int = 4, prefetch_batches: int = 2) -> None:
-        self.plan = plan
-        self.loader = loader
+        super().__init__(plan, loader)
         self.threads = threads
         self.prefetch_batches = prefetch_batches
-        self._micro = 0  # micro-steps consumed (yielded) so far
         self._pool: cf.ThreadPoolExecutor | None = None
         self._pending: collections.deque[tuple[int, dict[str, np.ndarray], list[cf.Future[None]]]] = (
             collections.deque()
         )
-        self._pass_done = False
 
-    # -- interface -------------------------------------------------------------------------------------------
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples in one epoch (global, all ranks)."""
-        return self.plan.num_samples
-
-    @property
-    def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch (global)."""
-        return self.plan.steps_per_epoch
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Samples per micro-batch on this rank."""
-        return self.plan.micro_batch
-
-    @property
-    def bad_tiles(self) -> dict[str, int]:
-        """Bad tiles met on this rank, per reason, plus ``total``."""
-        return self.loader.tracker.summary()
-
-    def __len__(self) -> int:
-        """Micro-batches per rank in one pass (val/test) or in one epoch (train, rounded up)."""
-        if self.plan.micro_steps is not None:
-            return self.plan.micro_steps
-        return self.plan.steps_per_epoch * self.plan.grad_accum
-
-    def state_dict(self) -> dict[str, int]:
-        """Global position ``{"epoch", "samples_consumed", "seed"}`` of the batches yielded so far."""
-        return self.plan.state_at(self._micro)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position (any world size with the same global batch size)."""
-        micro = self.plan.micro_step_of(state)
-        self._drop_pending()
-        self.loader.seed = self.plan.seed
-        self._micro = micro
-        self._pass_done = False
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if not self.plan.train and (self._pass_done or self._micro):
-            # Each ``for`` loop over val/test is a full pass, even after an interrupted one.
-            self._drop_pending()
-            self._micro = 0
-            self._pass_done = False
-        return self
+    # -- interface (position and state: ``PlannedIterator``) --------------------------------------------------
 
     def __next__(self) -> dict[str, Any]:
-        total = self.plan.micro_steps
-        if total is not None and self._micro >= total:
-            self._pass_done = True
+        if self._pass_over():
             raise StopIteration
         self._fill()
         micro, arrays, futures = self._pending.popleft()
@@ -133,6 +82,9 @@ class TileIterator:
             pool.shutdown(wait=False, cancel_futures=True)
 
     # -- prefetching -----------------------------------------------------------------------------------------
+
+    def _discard(self) -> None:
+        self._drop_pending()
 
     def _drop_pending(self) -> None:
         while self._pending:

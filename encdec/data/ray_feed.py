@@ -26,6 +26,7 @@ import numpy as np
 from encdec.data.badtiles import REASONS, BadTileError
 from encdec.data.batch import SampleLoader, read_batch, to_torch
 from encdec.data.plan import FeedPlan
+from encdec.data.position import PlannedIterator
 
 LOG = logging.getLogger("encdec.data")
 MIN_SPAN = 512
@@ -46,7 +47,7 @@ def _decode(batch: dict[str, np.ndarray], loader: SampleLoader) -> dict[str, np.
     return arrays
 
 
-class RayTileIterator:
+class RayTileIterator(PlannedIterator):
     """``TileIterator``'s interface, decoding in Ray Data tasks.
 
     Args:
@@ -58,42 +59,15 @@ class RayTileIterator:
 
     def __init__(self, plan: FeedPlan, loader: SampleLoader, *, cpus_per_task: float = 0.5,
                  prefetch_batches: int = 2) -> None:
-        self.plan = plan
-        self.loader = loader
+        super().__init__(plan, loader)
         self.cpus_per_task = cpus_per_task
         self.prefetch_batches = prefetch_batches
-        self._micro = 0
         self._stream: Iterator[dict[str, np.ndarray]] | None = None
         self._stream_micro = 0  # micro-step the stream will yield next
         self._stream_end = 0
-        self._pass_done = False
 
-    samples_per_epoch = property(lambda self: self.plan.num_samples, doc="Samples per epoch (global).")
-    steps_per_epoch = property(lambda self: self.plan.steps_per_epoch, doc="Optimizer steps per epoch (global).")
-    micro_batch_size = property(lambda self: self.plan.micro_batch, doc="Samples per micro-batch on this rank.")
-    bad_tiles = property(lambda self: self.loader.tracker.summary(), doc="Bad tiles met, per reason and total.")
-
-    def __len__(self) -> int:
-        if self.plan.micro_steps is not None:
-            return self.plan.micro_steps
-        return self.plan.steps_per_epoch * self.plan.grad_accum
-
-    def state_dict(self) -> dict[str, int]:
-        """Global position ``{"epoch", "samples_consumed", "seed"}`` of the batches yielded so far."""
-        return self.plan.state_at(self._micro)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position (any world size with the same global batch size)."""
-        self._micro = self.plan.micro_step_of(state)
-        self.loader.seed = self.plan.seed
+    def _discard(self) -> None:
         self.close()
-        self._pass_done = False
-
-    def __iter__(self) -> RayTileIterator:
-        if not self.plan.train and (self._pass_done or self._micro):
-            self.close()
-            self._micro, self._pass_done = 0, False
-        return self
 
     def _span(self, start: int) -> tuple[int, int]:
         """Micro-steps one Ray dataset covers: the val pass, or at least an epoch and ``MIN_SPAN`` micro-steps.
@@ -137,9 +111,7 @@ class RayTileIterator:
         self._stream_end = end
 
     def __next__(self) -> dict[str, Any]:
-        total = self.plan.micro_steps
-        if total is not None and self._micro >= total:
-            self._pass_done = True
+        if self._pass_over():
             raise StopIteration
         if self._stream is None or self._stream_micro != self._micro or self._stream_micro >= self._stream_end:
             self.close()

@@ -301,14 +301,12 @@ class DeepSpeedStrategy(Strategy):
         activation_checkpointing: bool,
     ) -> None:
         """See ``Strategy.setup``; DeepSpeed converts the model to bf16/fp16 itself when asked."""
-        self._check_setup_args(precision, grad_accum)
+        self._check_setup_args(model, precision, grad_accum)
         _ensure_process_group()
         import deepspeed
 
         from encdec.distributed.torch_common import apply_activation_checkpointing
 
-        if not any(p.requires_grad for p in model.parameters()):
-            raise StrategyError("the model has no trainable parameters; check the PEFT config and the freezing options")
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         model = model.to(self.device)
@@ -389,15 +387,7 @@ class DeepSpeedStrategy(Strategy):
         """DeepSpeed's sharded checkpoint (collective) inside an atomic directory; see ``Strategy.save``."""
         from encdec.train.checkpoint import atomic_checkpoint_dir, save_extra
 
-        meta = {
-            "format": DS_FORMAT,
-            "strategy": self.name,
-            "zero_stage": self.zero_stage,
-            "world_size": self.world_size,
-            "adapter_only": self.adapter_only,
-            "precision": self.precision,
-            "step": extra.get("step"),
-        }
+        meta = self._checkpoint_meta(DS_FORMAT, extra.get("step"), zero_stage=self.zero_stage)
         with atomic_checkpoint_dir(ckpt_dir, rank=self.rank, barrier=self.barrier, meta=meta) as tmp:
             self.model.save_checkpoint(  # type: ignore[operator]
                 str(tmp / "state"),

@@ -209,7 +209,17 @@ class Strategy(ABC):
         """The plain, gathered fp32 state dict on rank 0; ``None`` on other ranks (collective)."""
 
     # ------------------------------------------------------------------ helpers shared by implementations
-    def _check_setup_args(self, precision: str, grad_accum: int) -> None:
+    def _checkpoint_meta(self, fmt: str, step: Any, **more: Any) -> dict[str, Any]:
+        """What a checkpoint's ``meta.json`` records about the run that wrote it (read back by ``read_meta``)."""
+        return {"format": fmt, "strategy": self.name, **more, "world_size": self.world_size,
+                "adapter_only": self.adapter_only, "precision": self.precision, "step": step}
+
+    def _check_setup_args(self, model: nn.Module, precision: str, grad_accum: int) -> None:
+        if not any(p.requires_grad for p in model.parameters()):
+            raise StrategyError(
+                "the model has no trainable parameters; check the PEFT config and the freezing options "
+                "(freezing the backbone after PEFT also freezes its adapters)"
+            )
         if precision not in PRECISIONS:
             raise StrategyError(
                 f"precision {precision!r} is not supported by strategy {self.name!r}; use one of "

@@ -74,12 +74,7 @@ class TorchStrategy(Strategy):
         activation_checkpointing: bool,
     ) -> None:
         """See ``Strategy.setup``."""
-        self._check_setup_args(precision, grad_accum)
-        if not any(p.requires_grad for p in model.parameters()):
-            raise StrategyError(
-                "the model has no trainable parameters; check the PEFT config and the freezing options "
-                "(freezing the backbone after PEFT also freezes its adapters)"
-            )
+        self._check_setup_args(model, precision, grad_accum)
         self._unwrapped = model
         if activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -154,14 +149,7 @@ class TorchStrategy(Strategy):
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         if self._scaler is not None:
             extra = {**dict(extra), "grad_scaler": self._scaler.state_dict()}
-        meta = {
-            "format": DCP_FORMAT,
-            "strategy": self.name,
-            "world_size": self.world_size,
-            "adapter_only": self.adapter_only,
-            "precision": self.precision,
-            "step": extra.get("step"),
-        }
+        meta = self._checkpoint_meta(DCP_FORMAT, extra.get("step"))
         with atomic_checkpoint_dir(ckpt_dir, rank=self.rank, barrier=self.barrier, meta=meta) as tmp, _one_process():
             dcp.save(state, checkpoint_id=str(tmp / "state"))
             save_extra(tmp, self.rank, extra)

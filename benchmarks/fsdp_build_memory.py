@@ -7,7 +7,7 @@ gathered weights (equal in both modes: the broadcast reproduces the seeded build
 
 Usage (2 gloo processes)::
 
-    nice .venv/bin/python tests/distributed/_build_memory.py [backbone] [img_size]
+    nice .venv/bin/python benchmarks/fsdp_build_memory.py [backbone] [img_size]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "distributed"))  # for _spawn
 
 
 def _status(field: str) -> float:
