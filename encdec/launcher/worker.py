@@ -45,9 +45,35 @@ class _Gauges:
                 gauge.set(float(value), tags=self.tags)
 
 
+def _reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS count (Linux ``VmHWM``); True when the kernel took it.
+
+    Ray may hand a worker actor a pooled process that ran other work before; its lifetime peak (``ru_maxrss``)
+    would then describe that work, not this run.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gb() -> float:
+    """Peak RSS since ``_reset_peak_rss`` (``VmHWM``), else over the process's life (``ru_maxrss``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024**2
+    except (OSError, ValueError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
 def _peak_memory() -> dict[str, float]:
-    """This process's peak memory: RSS on CPU, and the CUDA allocator's peak when a GPU is used."""
-    out = {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2}
+    """This run's peak memory in this process: RSS on CPU, and the CUDA allocator's peak when a GPU is used."""
+    out = {"mem/peak_rss_gb": _peak_rss_gb()}
     try:
         import torch
 
@@ -105,7 +131,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # RSS before the model exists is the runtime's own footprint (torch, Ray, gloo), the plan's "runtime" term.
     record = {
         "pid": os.getpid(), "node_rank": ctx.get_node_rank(), "node_id": ray.get_runtime_context().get_node_id(),
-        "started": time.time(), "start_rss_gb": _current_rss_gb(),
+        "started": time.time(), "start_rss_gb": _current_rss_gb(), "peak_rss_reset": _reset_peak_rss(),
         "malloc_mmap_threshold": _exec_env("MALLOC_MMAP_THRESHOLD_"),
     }
     pid_file = run_dir / "workers" / f"rank{rank}.json"

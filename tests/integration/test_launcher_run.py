@@ -111,6 +111,8 @@ def test_quickstart_as_ray_job_end_to_end(ray_cluster: object, quick_tiles: Path
     assert len(workers) == 2
     for w in workers:
         measured = w["mem/peak_rss_gb"] * GiB
-        assert abs(plan.chosen_total() - measured) / measured < MEMORY_BAR, (plan.chosen_total() / GiB, w)
+        assert abs(plan.chosen_total() - measured) / measured < MEMORY_BAR, (
+            f"plan {plan.chosen_total() / GiB:.3f} GiB vs rank peak {w['mem/peak_rss_gb']:.3f} GiB (RSS at start "
+            f"{w['start_rss_gb']:.3f}, peak reset {w.get('peak_rss_reset')})")
     print(f"plan {plan.chosen_total() / GiB:.3f} GiB vs measured {[round(w['mem/peak_rss_gb'], 3) for w in workers]}"
           f" GiB; RSS at worker start {[round(w['start_rss_gb'], 3) for w in workers]} GiB")
