@@ -21,6 +21,7 @@ import io
 import logging
 import pickle
 import re
+import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -93,13 +94,18 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"checkpoint {path} does not exist or is not a file; pass the path of a .ckpt file")
+    # map the tensors instead of reading them (as prithvi_load does): the launcher's pre-flight check only needs
+    # names and shapes, and each worker copies the values into its own model anyway. Only zip-format files
+    # (torch.save's default since 1.6, and Lightning's) can be mapped.
+    mmap = zipfile.is_zipfile(path)
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:
         # Lightning pickles hyper-parameters and callback states as objects of its own (and TerraTorch's) classes.
         # The file is the user's own training output, so a full unpickle with stub classes is acceptable here.
         try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_PickleModule)
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_PickleModule,
+                              mmap=mmap)
         except Exception as err:
             raise CheckpointReadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
