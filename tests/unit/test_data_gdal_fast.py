@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from _rasters import GEO, pixels, write_bad_tiles
 from affine import Affine
 
 from encdec.data import augment as aug
@@ -19,14 +20,6 @@ from encdec.data.sources import Sample
 from encdec.data.synthetic import HLS_BANDS, write_raster
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-GEO = {"crs": "EPSG:32615", "transform": Affine(30, 0, 500000, 0, -30, 4000000)}
-
-
-def _pixels(c: int = 6, s: int = 32, dtype: str = "int16", seed: int = 0) -> np.ndarray:
-    px = np.random.default_rng(seed).integers(100, 5000, (c, s, s))
-    return (px % 250 if dtype == "uint8" else px).astype(dtype)
-
-
 def _reader(bands, size=32, **kw) -> TileReader:
     n = len(bands)
     means, stds = [float(100 * i + 7) for i in range(n)], [float(13 + i) for i in range(n)]
@@ -72,7 +65,7 @@ def _assert_identical(fast, slow):
 
 
 def test_fast_path_is_used_for_local_files_and_switch_turns_it_off(tmp_path, monkeypatch):
-    write_raster(tmp_path / "a.tif", _pixels(c=1, s=64), **GEO)
+    write_raster(tmp_path / "a.tif", pixels(c=1, s=64), **GEO)
     chip = Sample(images=(str(tmp_path / "a.tif"),), window=(0, 0, 32, 32))  # chips keep the scene open
     for switch, fast in (("1", True), ("0", False), ("off", False)):
         monkeypatch.setenv(ENV_SWITCH, switch)
@@ -94,7 +87,7 @@ def test_binds_the_libgdal_rasterio_loaded_not_a_second_copy():
 
 
 def test_unsupported_dtype_falls_back_to_rasterio(tmp_path, monkeypatch):
-    write_raster(tmp_path / "a.tif", _pixels(c=1, s=64, dtype="int64"))
+    write_raster(tmp_path / "a.tif", pixels(c=1, s=64, dtype="int64"))
     monkeypatch.setenv(ENV_SWITCH, "1")
     assert GdalDataset.open(str(tmp_path / "a.tif")) is None
     reader = _reader([0], target="none")
@@ -102,14 +95,14 @@ def test_unsupported_dtype_falls_back_to_rasterio(tmp_path, monkeypatch):
     out = np.empty((1, 32, 32), np.float32)
     reader.read(chip, out, None)
     assert not isinstance(reader.files.local.cache[chip.images[0]], GdalDataset)
-    expected = (_pixels(c=1, s=64, dtype="int64")[0, :32, :32] - np.float32(7)) * (1 / np.float32(13))
+    expected = (pixels(c=1, s=64, dtype="int64")[0, :32, :32] - np.float32(7)) * (1 / np.float32(13))
     np.testing.assert_allclose(out[0], expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["int16", "uint16", "float32", "uint8"])
 @pytest.mark.parametrize("nodata", [None, 0, 200])
 def test_tiles_with_bands_by_name_and_index_nodata_and_mask(tmp_path, monkeypatch, dtype, nodata):
-    px = _pixels(dtype=dtype)
+    px = pixels(dtype=dtype)
     if nodata is not None:
         px[:, :3] = nodata
         px[2, 10, 10:20] = nodata
@@ -125,7 +118,7 @@ def test_tiles_with_bands_by_name_and_index_nodata_and_mask(tmp_path, monkeypatc
 
 
 def test_crops_of_larger_tiles_and_regression_masks(tmp_path, monkeypatch):
-    px = _pixels(c=3, s=48, dtype="float32")
+    px = pixels(c=3, s=48, dtype="float32")
     px[0, 5, 5] = np.nan
     write_raster(tmp_path / "img.tif", px, nodata=np.nan, descriptions=("A", "B", "C"), **GEO)
     write_raster(tmp_path / "m.tif", (px[:1] / 7).astype(np.float32), **GEO)
@@ -139,7 +132,7 @@ def test_crops_of_larger_tiles_and_regression_masks(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("nodata", [None, -9999])
 def test_chips_of_a_scene_with_padded_edges(tmp_path, monkeypatch, nodata):
-    px = _pixels(c=4, s=90)
+    px = pixels(c=4, s=90)
     px[:, 60:, :20] = -9999
     write_raster(tmp_path / "scene.tif", px, nodata=nodata, descriptions=("B", "G", "R", "N"), **GEO)
     write_raster(tmp_path / "smask.tif", (px[:1] % 2).astype(np.int16), **GEO)
@@ -161,7 +154,7 @@ def test_chips_of_a_scene_with_padded_edges(tmp_path, monkeypatch, nodata):
 
 
 def test_multitemporal_band_groups_and_files(tmp_path, monkeypatch):
-    frames = [_pixels(c=3, seed=t, dtype="uint16") for t in range(2)]
+    frames = [pixels(c=3, seed=t, dtype="uint16") for t in range(2)]
     write_raster(tmp_path / "stack.tif", np.concatenate(frames), nodata=0, descriptions=("B", "G", "R") * 2, **GEO)
     for t in range(2):
         write_raster(tmp_path / f"t{t}.tif", frames[t], nodata=0, descriptions=("B", "G", "R"), **GEO)
@@ -174,20 +167,16 @@ def test_multitemporal_band_groups_and_files(tmp_path, monkeypatch):
 
 
 def _bad_cases(tmp_path):
-    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
-    write_raster(tmp_path / "small.tif", _pixels(c=1, s=16))
-    write_raster(tmp_path / "empty.tif", np.full((1, 32, 32), -9999, np.int16), nodata=-9999)
-    write_raster(tmp_path / "ok.tif", _pixels(c=1), **GEO)
-    write_raster(tmp_path / "m40.tif", np.zeros((1, 40, 40), np.int16))
+    write_bad_tiles(tmp_path)
     write_raster(tmp_path / "m2.tif", np.zeros((2, 32, 32), np.int16), **GEO)
     write_raster(tmp_path / "mshift.tif", np.zeros((1, 32, 32), np.int16), crs=GEO["crs"],
                  transform=Affine(30, 0, 500030, 0, -30, 4000000))
     write_raster(tmp_path / "mcrs.tif", np.zeros((1, 32, 32), np.int16), crs="EPSG:32616",
                  transform=GEO["transform"])
-    write_raster(tmp_path / "big.tif", _pixels(c=1, s=256, seed=3), **GEO)
+    write_raster(tmp_path / "big.tif", pixels(c=1, s=256, seed=3), **GEO)
     data = (tmp_path / "big.tif").read_bytes()
     (tmp_path / "trunc.tif").write_bytes(data[:len(data) // 2] + b"\0" * 64)  # header intact, blocks cut
-    write_raster(tmp_path / "two.tif", _pixels(c=2))
+    write_raster(tmp_path / "two.tif", pixels(c=2))
     one = str(tmp_path / "ok.tif")
     return {
         "missing": ("unreadable", Sample(images=(str(tmp_path / "nope.tif"),))),
@@ -226,7 +215,7 @@ def test_each_bad_tile_kind_has_the_same_reason_and_message(tmp_path, monkeypatc
 
 
 def test_equivalent_crs_written_differently_is_not_a_mismatch(tmp_path, monkeypatch):
-    write_raster(tmp_path / "img.tif", _pixels(c=1), **GEO)
+    write_raster(tmp_path / "img.tif", pixels(c=1), **GEO)
     write_raster(tmp_path / "m.tif", np.ones((1, 32, 32), np.int16), transform=GEO["transform"],
                  crs="+proj=utm +zone=15 +datum=WGS84 +units=m +no_defs")
     sample = Sample(images=(str(tmp_path / "img.tif"),), mask=str(tmp_path / "m.tif"))
@@ -244,8 +233,8 @@ def test_equivalent_crs_written_differently_is_not_a_mismatch(tmp_path, monkeypa
 def test_threads_share_one_reader(tmp_path, monkeypatch):
     samples = []
     for i in range(12):
-        write_raster(tmp_path / f"i{i}.tif", _pixels(c=3, seed=i), descriptions=("A", "B", "C"), **GEO)
-        write_raster(tmp_path / f"m{i}.tif", (_pixels(c=1, seed=i) % 4).astype(np.uint8), **GEO)
+        write_raster(tmp_path / f"i{i}.tif", pixels(c=3, seed=i), descriptions=("A", "B", "C"), **GEO)
+        write_raster(tmp_path / f"m{i}.tif", (pixels(c=1, seed=i) % 4).astype(np.uint8), **GEO)
         samples.append(Sample(images=(str(tmp_path / f"i{i}.tif"),), mask=str(tmp_path / f"m{i}.tif")))
     fast, slow = _both(monkeypatch, lambda: _reader(["C", "A"], target="mask"), samples, (2, 32, 32), np.int64)
     _assert_identical(fast, slow)
@@ -284,7 +273,7 @@ def _write_gtiff(path, array, crs, transform, **creation) -> None:
                                       {"BIGTIFF": "YES", "ENDIANNESS": "BIG", "TILED": "YES", "COMPRESS": "ZSTD"}])
 def test_geokeys_decide_mask_pairing_like_crs_objects_in_every_tiff_flavour(tmp_path, monkeypatch, creation):
     img = tmp_path / "img.tif"
-    _write_gtiff(img, _pixels(c=2), GEO["crs"], GEO["transform"], **creation)
+    _write_gtiff(img, pixels(c=2), GEO["crs"], GEO["transform"], **creation)
     masks = {"same": (GEO["crs"], GEO["transform"]), "other-crs": ("EPSG:32616", GEO["transform"]),
              "shifted": (GEO["crs"], Affine(30, 0, 500030, 0, -30, 4000000)),
              "no-crs": (None, GEO["transform"])}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from affine import Affine
+from _rasters import GEO, pixels, write_bad_tiles
 
 from encdec.data import augment as aug
 from encdec.data.badtiles import BadTileError
@@ -14,20 +14,13 @@ from encdec.data.sources import Sample
 from encdec.data.synthetic import HLS_BANDS, write_raster
 
 pytestmark = pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
-GEO = {"crs": "EPSG:32615", "transform": Affine(30, 0, 500000, 0, -30, 4000000)}
-
-
-def _pixels(c: int = 6, s: int = 32, dtype: str = "int16", seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(100, 5000, (c, s, s)).astype(dtype)
-
-
 def _reader(bands, means=None, stds=None, size=32, **kw) -> TileReader:
     n = len(bands)
     return TileReader(bands=bands, normalizer=Normalizer(means or [0.0] * n, stds or [1.0] * n), img_size=size, **kw)
 
 
 def test_band_selection_by_name_and_index(tmp_path):
-    px = _pixels()
+    px = pixels()
     write_raster(tmp_path / "a.tif", px, nodata=-9999, descriptions=HLS_BANDS, **GEO)
     sample = Sample(images=(str(tmp_path / "a.tif"),))
     out = np.empty((3, 32, 32), np.float32)
@@ -36,7 +29,7 @@ def test_band_selection_by_name_and_index(tmp_path):
 
 
 def test_missing_band_name_and_index_are_bad_tiles(tmp_path):
-    write_raster(tmp_path / "a.tif", _pixels(c=4), descriptions=("BLUE", "GREEN", "RED", "NIR_NARROW"))
+    write_raster(tmp_path / "a.tif", pixels(c=4), descriptions=("BLUE", "GREEN", "RED", "NIR_NARROW"))
     sample = Sample(images=(str(tmp_path / "a.tif"),))
     out = np.empty((1, 32, 32), np.float32)
     with pytest.raises(BadTileError) as e:
@@ -49,7 +42,7 @@ def test_missing_band_name_and_index_are_bad_tiles(tmp_path):
 
 
 def test_normalisation_values_and_nodata(tmp_path):
-    px = _pixels(c=2)
+    px = pixels(c=2)
     px[:, :4, :] = -9999
     write_raster(tmp_path / "img.tif", px, nodata=-9999, descriptions=("A", "B"), **GEO)
     mask = np.ones((1, 32, 32), np.int16)
@@ -68,7 +61,7 @@ def test_normalisation_values_and_nodata(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["uint16", "float32", "uint8"])
 def test_dtypes_convert_to_float32(tmp_path, dtype):
-    px = _pixels(c=2, dtype=dtype) if dtype != "uint8" else (_pixels(c=2) % 250).astype("uint8")
+    px = pixels(c=2, dtype=dtype)
     write_raster(tmp_path / "a.tif", px, descriptions=("A", "B"))
     out = np.empty((2, 32, 32), np.float32)
     _reader([0, 1], target="none").read(Sample(images=(str(tmp_path / "a.tif"),)), out, None)
@@ -76,7 +69,7 @@ def test_dtypes_convert_to_float32(tmp_path, dtype):
 
 
 def test_float_mask_gives_regression_target_with_nan(tmp_path):
-    px = _pixels(c=1)
+    px = pixels(c=1)
     px[0, 0, 0] = -9999
     write_raster(tmp_path / "img.tif", px, nodata=-9999)
     write_raster(tmp_path / "m.tif", np.full((1, 32, 32), 0.25, np.float32))
@@ -90,7 +83,7 @@ def test_float_mask_gives_regression_target_with_nan(tmp_path):
 
 
 def test_crop_windows_read_only_the_window(tmp_path):
-    px = _pixels(c=1, s=48)
+    px = pixels(c=1, s=48)
     write_raster(tmp_path / "a.tif", px)
     sample = Sample(images=(str(tmp_path / "a.tif"),))
     out = np.empty((1, 32, 32), np.float32)
@@ -107,7 +100,7 @@ def test_crop_windows_read_only_the_window(tmp_path):
 
 
 def test_flips_and_rot90_apply_to_image_and_mask_alike(tmp_path):
-    px = _pixels(c=1)
+    px = pixels(c=1)
     write_raster(tmp_path / "i.tif", px)
     write_raster(tmp_path / "m.tif", (px % 7).astype(np.int16))
     sample = Sample(images=(str(tmp_path / "i.tif"),), mask=str(tmp_path / "m.tif"))
@@ -120,7 +113,7 @@ def test_flips_and_rot90_apply_to_image_and_mask_alike(tmp_path):
 
 
 def test_multitemporal_band_groups_and_files(tmp_path):
-    frames = [_pixels(c=3, seed=t) for t in range(2)]
+    frames = [pixels(c=3, seed=t) for t in range(2)]
     write_raster(tmp_path / "stack.tif", np.concatenate(frames), descriptions=("B", "G", "R") * 2)
     for t in range(2):
         write_raster(tmp_path / f"t{t}.tif", frames[t], descriptions=("B", "G", "R"))
@@ -138,7 +131,7 @@ def test_multitemporal_band_groups_and_files(tmp_path):
 
 
 def test_location_from_crs_centre(tmp_path):
-    write_raster(tmp_path / "a.tif", _pixels(c=1), **GEO)
+    write_raster(tmp_path / "a.tif", pixels(c=1), **GEO)
     r = _reader([0], target="none", location_coords=True).read(Sample(images=(str(tmp_path / "a.tif"),)),
                                                                np.empty((1, 32, 32), np.float32), None)
     lat, lon = r.location
@@ -146,11 +139,7 @@ def test_location_from_crs_centre(tmp_path):
 
 
 def test_bad_tiles_raise_with_reason(tmp_path):
-    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
-    write_raster(tmp_path / "small.tif", _pixels(c=1, s=16))
-    write_raster(tmp_path / "empty.tif", np.full((1, 32, 32), -9999, np.int16), nodata=-9999)
-    write_raster(tmp_path / "ok.tif", _pixels(c=1), **GEO)
-    write_raster(tmp_path / "m40.tif", np.zeros((1, 40, 40), np.int16))
+    write_bad_tiles(tmp_path)
     cases = {
         "unreadable": Sample(images=(str(tmp_path / "junk.tif"),)),
         "size": Sample(images=(str(tmp_path / "small.tif"),)),
@@ -189,7 +178,7 @@ def test_normaliser_per_band_values_frames_and_invalid():
 
 
 def test_whole_tiles_close_their_files_chips_keep_the_scene_open(tmp_path):
-    write_raster(tmp_path / "a.tif", _pixels(c=1, s=64), **GEO)
+    write_raster(tmp_path / "a.tif", pixels(c=1, s=64), **GEO)
     reader = _reader([0], target="none")
     out = np.empty((1, 32, 32), np.float32)
     reader.read(Sample(images=(str(tmp_path / "a.tif"),), window=(0, 0, 32, 32)), out, None)
