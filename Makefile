@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint typecheck clean-venv
+.PHONY: setup test demo lint lint-imports typecheck clean-venv
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -29,6 +29,10 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check encdec tests benchmarks
+
+# the layering contract of pyproject.toml: config < registry < models < data < distributed < train < launcher
+lint-imports: setup
+	$(VENV)/bin/lint-imports
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from encdec.data.config import HLS_BANDS, HLS_MEANS, HLS_STDS
+from encdec.config import HLS_BANDS, HLS_MEANS, HLS_STDS
 from encdec.data.gdal_fast import ENV_SWITCH
 from encdec.data.normalize import Normalizer
 from encdec.data.readers import GDAL_OPTIONS, TileReader

@@ -34,12 +34,13 @@ def train_worker(config: dict[str, Any]) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from encdec import build_model
+    from encdec.config import DataSection
     from encdec.data import build_iterator
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    it = build_iterator(config["data"], rank=rank, world_size=world, seed=0, feed=config["feed"])
+    it = build_iterator(DataSection.model_validate(config["data"]), rank=rank, world_size=world, seed=0, feed=config["feed"])
     torch.manual_seed(0)
     model = DistributedDataParallel(build_model("segmentation", backbone_img_size=config["data"]["img_size"], **MODEL))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

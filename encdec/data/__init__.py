@@ -1,13 +1,13 @@
 """Streaming multi-band tiles: sources, windowed rasterio reads, exact per-rank feeds, synthetic HLS-like data.
 
-``build_iterator(data_cfg, split=..., rank=..., world_size=..., grad_accum=..., seed=..., feed=...)`` gives the
+``build_iterator(data, split=..., rank=..., world_size=..., grad_accum=..., seed=..., feed=...)`` gives the
 iterator the training loop consumes. Importing this package imports neither rasterio nor ray; they load on the
 first read / when the Ray feed is chosen.
 """
 
 from encdec.data.badtiles import BadTileError, TooManyBadTilesError
 from encdec.data.build import build_iterator
-from encdec.data.config import DataConfigError, parse_data_config
+from encdec.data.config import DataConfigError
 from encdec.data.feed import TileIterator
 
 __all__ = [
@@ -16,5 +16,4 @@ __all__ = [
     "TileIterator",
     "TooManyBadTilesError",
     "build_iterator",
-    "parse_data_config",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from encdec.data.config import AugmentSpec
+from encdec.config import AugmentSection as AugmentSpec
 
 
 @dataclass(frozen=True)

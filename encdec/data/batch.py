@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from encdec.config import AugmentSection as AugmentSpec
 from encdec.data import augment as aug
 from encdec.data.badtiles import REASONS, BadTileError, BadTileTracker
-from encdec.data.config import AugmentSpec
 from encdec.data.plan import PAD
 from encdec.data.readers import TileReader
 from encdec.data.sources import Sample

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from typing import Any
 
+from encdec.config import DataSection
 from encdec.data.badtiles import BadTileError, BadTileTracker
 from encdec.data.batch import BatchLayout, SampleLoader
-from encdec.data.config import DataConfigError, DataSpec, parse_data_config
+from encdec.data.config import DataConfigError
 from encdec.data.feed import TileIterator
 from encdec.data.normalize import Normalizer
 from encdec.data.plan import FeedPlan
@@ -33,12 +33,16 @@ def _probe(samples: list[Sample], reader: TileReader, where: str) -> str:
     )
 
 
-def make_loader(spec: DataSpec, samples: list[Sample], *, split: str, plan: FeedPlan) -> SampleLoader:
+def make_loader(spec: DataSection, samples: list[Sample], *, split: str, plan: FeedPlan) -> SampleLoader:
     """The per-sample reader of one split on one rank (shared by both feeds)."""
     for key, value in GDAL_OPTIONS.items():
         os.environ.setdefault(key, value)  # GDAL falls back to the environment for config options
     where = f"data.{split}"
-    reader = TileReader(bands=spec.bands, normalizer=Normalizer(spec.means, spec.stds), img_size=spec.img_size,
+    try:
+        means, stds = spec.stats()
+    except ValueError as err:
+        raise DataConfigError(str(err)) from None
+    reader = TileReader(bands=tuple(spec.bands), normalizer=Normalizer(means, stds), img_size=spec.img_size,
                         num_frames=spec.num_frames, target="none", location_coords=spec.location_coords)
     reader.target = _probe(samples, reader, where)
     labels = [s.label for s in samples if s.label is not None]
@@ -58,19 +62,19 @@ def make_loader(spec: DataSpec, samples: list[Sample], *, split: str, plan: Feed
     return SampleLoader(samples, reader, layout, augment, plan.seed, tracker)
 
 
-def build_iterator(data_cfg: Mapping[str, Any], *, split: str = "train", rank: int = 0, world_size: int = 1,
-                   grad_accum: int = 1, seed: int = 0, feed: str = "reader") -> Any:
+def build_iterator(data: DataSection, *, split: str = "train", rank: int = 0, world_size: int = 1,
+                   grad_accum: int = 1, seed: int = 0, feed: str | None = None) -> Any:
     """Build this rank's micro-batch iterator over one split.
 
     Args:
-        data_cfg: The recipe's ``data:`` section as a plain dict.
+        data: The recipe's ``data:`` section.
         split: ``train`` (endless, shuffled, augmented) or ``val``/``test`` (one ordered pass, no augmentation).
         rank: This worker's rank.
         world_size: Number of training workers.
         grad_accum: Micro-steps per optimizer step; micro-batch = global_batch_size // (world_size * grad_accum).
         seed: Run seed (permutations and augmentations derive from it).
         feed: ``reader`` (prefetching threads in this process, exact) or ``ray`` (Ray Data decode tasks, exact;
-            see ``encdec.data.ray_feed``). A ``feed`` key in ``data_cfg`` is used when this is left at ``reader``.
+            see ``encdec.data.ray_feed``); None: ``data.feed``.
 
     Returns:
         A ``TileIterator`` (or ``RayTileIterator``) with ``state_dict``/``load_state_dict``/``close``.
@@ -78,16 +82,17 @@ def build_iterator(data_cfg: Mapping[str, Any], *, split: str = "train", rank: i
     Raises:
         DataConfigError: A setting that cannot work, naming the field and the fix.
     """
-    if feed == "reader" and isinstance(data_cfg, Mapping):
-        feed = data_cfg.get("feed") or feed
+    feed = feed or data.feed
     if feed not in FEEDS:
         raise DataConfigError(f"feed={feed!r} is not valid: allowed {list(FEEDS)}. Fix: use 'reader' or 'ray'.")
-    spec = parse_data_config(data_cfg)
-    if split not in spec.splits:
+    spec = data
+    source = spec.split(split)
+    if source is None:
+        given = [name for name in ("train", "val", "test") if spec.split(name) is not None]
         raise DataConfigError(
-            f"data.{split} is not set (splits given: {sorted(spec.splits)}). Fix: add data.{split}: {{tiles: DIR}}."
+            f"data.{split} is not set (splits given: {given}). Fix: add data.{split}: {{tiles: DIR}}."
         )
-    samples = list_samples(spec.splits[split], img_size=spec.img_size, where=f"data.{split}")
+    samples = list_samples(source, img_size=spec.img_size, where=f"data.{split}", split=split)
     plan = FeedPlan(num_samples=len(samples), global_batch_size=spec.global_batch_size, world_size=world_size,
                     rank=rank, grad_accum=grad_accum, seed=seed, train=split == "train")
     loader = make_loader(spec, samples, split=split, plan=plan)

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from encdec.data.config import HLS_BANDS, DataConfigError, SplitSpec
+from encdec.config import HLS_BANDS, DataSource
+from encdec.data.config import DataConfigError
 
 
 def _bands(text: str) -> list[int | str]:
@@ -75,10 +76,10 @@ def stats(argv: list[str]) -> int:
     from encdec.data.sources import list_samples
 
     is_manifest = args.tiles.lower().endswith((".csv", ".parquet", ".pq"))
-    spec = SplitSpec(tiles=() if is_manifest else (args.tiles,), manifest=args.tiles if is_manifest else None,
-                     image_suffix=args.image_suffix, mask_suffix=args.mask_suffix, split=args.split)
+    spec = DataSource(tiles=None if is_manifest else args.tiles, manifest=args.tiles if is_manifest else None,
+                      image_suffix=args.image_suffix, mask_suffix=args.mask_suffix, split=args.split)
     try:
-        samples = list_samples(spec, img_size=0, where="stats")
+        samples = list_samples(spec, img_size=0, where="stats", split=None)
     except DataConfigError as e:
         print(f"stats: {e}", file=sys.stderr)
         return 2

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from encdec.data.config import DataConfigError, SplitSpec
+from encdec.config import DataSource
+from encdec.data.config import DataConfigError
 
 FRAME_SEPARATOR = "|"
 MANIFEST_COLUMNS = ("image", "mask", "split", "label", "time", "lat", "lon")
@@ -150,10 +151,10 @@ def pair_tiles(paths: Iterable[str], image_suffix: str, mask_suffix: str | None)
     return samples
 
 
-def list_tiles(spec: SplitSpec, where: str) -> list[Sample]:
+def list_tiles(spec: DataSource, where: str) -> list[Sample]:
     """Samples of a ``tiles:`` source (folders/globs), sorted by path."""
     paths: list[str] = []
-    for pattern in spec.tiles:
+    for pattern in spec.tile_paths:
         found = expand(pattern, spec.image_suffix)
         if not found:
             raise DataConfigError(
@@ -164,7 +165,7 @@ def list_tiles(spec: SplitSpec, where: str) -> list[Sample]:
     samples = pair_tiles(sorted(set(paths)), spec.image_suffix, spec.mask_suffix)
     if not samples:
         raise DataConfigError(
-            f"{where}.tiles={list(spec.tiles)!r} holds no image files ending in {spec.image_suffix!r}. "
+            f"{where}.tiles={list(spec.tile_paths)!r} holds no image files ending in {spec.image_suffix!r}. "
             f"Fix: set {where}.image_suffix to the ending of your image files."
         )
     return samples
@@ -252,21 +253,23 @@ def read_manifest(path: str, split: str | None, where: str) -> list[Sample]:
 # ---- one entry point -------------------------------------------------------------------------------------------
 
 
-def list_samples(spec: SplitSpec, *, img_size: int, where: str) -> list[Sample]:
+def list_samples(spec: DataSource, *, img_size: int, where: str, split: str | None) -> list[Sample]:
     """The ordered samples of one split, from whichever source it names.
 
     Args:
-        spec: The split's source.
+        spec: The split's source (``data.train`` ...).
         img_size: Chip size for ``scenes`` sources.
         where: Config path for messages (``data.train``).
+        split: The split's name: a manifest's rows are those whose ``split`` column equals ``spec.split``, else
+            this name; None (and no ``spec.split``) takes every row.
     """
     if spec.manifest:
-        return read_manifest(spec.manifest, spec.split, where)
+        return read_manifest(spec.manifest, spec.split or split, where)
     if spec.scenes:
         from encdec.data.chips import chip_scenes
 
-        scenes = list_tiles(SplitSpec(tiles=spec.scenes, image_suffix=spec.image_suffix,
-                                      mask_suffix=spec.mask_suffix), where)
+        scenes = list_tiles(DataSource(tiles=list(spec.scene_paths), image_suffix=spec.image_suffix,
+                                       mask_suffix=spec.mask_suffix), where)
         return chip_scenes(scenes, img_size=img_size, stride=spec.stride or img_size)
     return list_tiles(spec, where)
 

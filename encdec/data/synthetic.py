@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from encdec.data.config import HLS_BANDS
+from encdec.config import HLS_BANDS, SYNTHETIC_KINDS
 
 NODATA = -9999
 MASK_NODATA = -1
@@ -46,7 +46,6 @@ SPECTRA: Mapping[str, tuple[float, ...]] = {
     "cloud": (5200, 5300, 5500, 5800, 4200, 3000),
 }
 LANDCOVER = ("water", "vegetation", "soil", "urban", "cloud")
-TASKS = ("flood", "landcover")
 
 
 def _upsample(x: np.ndarray, size: int) -> np.ndarray:
@@ -311,8 +310,8 @@ def write_tiles(out_dir: str | os.PathLike[str], n_tiles: int, *, img_size: int 
     Returns:
         ``out_dir`` as a ``Path``.
     """
-    if task not in TASKS:
-        raise ValueError(f"task={task!r} is not valid: allowed {TASKS}")
+    if task not in SYNTHETIC_KINDS:
+        raise ValueError(f"task={task!r} is not valid: allowed {SYNTHETIC_KINDS}")
     if n_tiles < 1 or img_size < 16 or num_frames < 1:
         raise ValueError(f"n_tiles={n_tiles}, img_size={img_size}, num_frames={num_frames}: need >= 1, >= 16, >= 1")
     unknown = set(opts) - {"start_index", "compress"}

@@ -23,20 +23,21 @@ from typing import Any
 
 import yaml
 
+from encdec.config import ClusterSection
 from encdec.launcher.errors import LaunchError
 
 __all__ = ["convert", "convert_command"]
 
-TASKS = {
+TERRATORCH_TASKS = {
     "SemanticSegmentationTask": "segmentation",
     "PixelwiseRegressionTask": "regression",
     "ClassificationTask": "classification",
 }
-LOSSES = {"ce": "ce", "dice": "dice", "mse": "mse", "l1": "l1", "mae": "mae", "huber": "huber", "rmse": "mse"}
-PRECISION = {"16-mixed": "fp16", "16": "fp16", "bf16-mixed": "bf16", "bf16": "bf16", "bf16-true": "bf16",
+TERRATORCH_LOSSES = {"ce": "ce", "dice": "dice", "mse": "mse", "l1": "l1", "mae": "mae", "huber": "huber", "rmse": "mse"}
+LIGHTNING_PRECISIONS = {"16-mixed": "fp16", "16": "fp16", "bf16-mixed": "bf16", "bf16": "bf16", "bf16-true": "bf16",
              "32": "fp32", "32-true": "fp32", "64": None}
-STRATEGIES = {"ddp": ("ddp", None), "ddp_find_unused_parameters_true": ("ddp", None), "fsdp": ("fsdp", None),
-              "deepspeed_stage_2": ("deepspeed", 2), "deepspeed_stage_3": ("deepspeed", 3), "auto": (None, None)}
+LIGHTNING_STRATEGIES = {"ddp": ("ddp", None), "ddp_find_unused_parameters_true": ("ddp", None), "fsdp": ("fsdp", None),
+                        "deepspeed_stage_2": ("deepspeed", 2), "deepspeed_stage_3": ("deepspeed", 3), "auto": (None, None)}
 # data-module keys that configure only TerraTorch's own plotting/loading and have no meaning here
 IGNORED_DATA = {"num_workers", "rgb_indices", "constant_scale", "plot_on_val", "drop_last", "pin_memory"}
 
@@ -60,10 +61,10 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     model_cfg = dict(config.get("model") or {})
     margs = dict(model_cfg.get("init_args") or {})
     task_cls = _short(model_cfg.get("class_path", ""))
-    task = TASKS.get(task_cls)
+    task = TERRATORCH_TASKS.get(task_cls)
     if task is None:
         raise LaunchError(f"model.class_path {model_cfg.get('class_path')!r} is not a TerraTorch task this converter "
-                          f"knows ({', '.join(TASKS)})")
+                          f"knows ({', '.join(TERRATORCH_TASKS)})")
     factory = margs.pop("model_factory", "EncoderDecoderFactory")
     if _short(factory) != "EncoderDecoderFactory":
         notes.append(f"model_factory {factory!r}: only EncoderDecoderFactory models map (model_args copied as is)")
@@ -78,8 +79,8 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     loss: dict[str, Any] = {}
     tt_loss = margs.pop("loss", None)
     if tt_loss is not None:
-        if str(tt_loss).lower() in LOSSES:
-            loss["name"] = LOSSES[str(tt_loss).lower()]
+        if str(tt_loss).lower() in TERRATORCH_LOSSES:
+            loss["name"] = TERRATORCH_LOSSES[str(tt_loss).lower()]
         else:
             notes.append(f"loss {tt_loss!r} has no equivalent (ce, dice, ce_dice, mse, l1, huber): using the default")
     for key in ("ignore_index", "class_weights"):
@@ -117,7 +118,7 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         notes.append("trainer.max_epochs/max_steps missing: epochs set to 1, adjust train.epochs")
     prec = trainer.pop("precision", None)
     if prec is not None:
-        mapped = PRECISION.get(str(prec))
+        mapped = LIGHTNING_PRECISIONS.get(str(prec))
         if mapped:
             train["precision"] = mapped
         else:
@@ -126,7 +127,7 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
         train["log_every"] = int(trainer.pop("log_every_n_steps"))
     strategy = trainer.pop("strategy", None)
     if strategy is not None:
-        name, stage = STRATEGIES.get(str(strategy), (None, None))
+        name, stage = LIGHTNING_STRATEGIES.get(str(strategy), (None, None))
         if name:
             train["strategy"] = name
             if stage:
@@ -151,7 +152,8 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     recipe["cluster"] = cluster
     per_device = data.pop("_batch_size", None)
     if per_device is not None:
-        data["global_batch_size"] = int(per_device) * cluster.get("nodes", 1) * cluster.get("workers_per_node", 1)
+        data["global_batch_size"] = (int(per_device) * ClusterSection.written_or_default(cluster, "nodes")
+                                     * ClusterSection.written_or_default(cluster, "workers_per_node"))
     for key in sorted(trainer):
         notes.append(f"trainer.{key}: Lightning option without an equivalent (callbacks, loggers, ...)")
     return recipe, notes
@@ -238,7 +240,7 @@ def _convert_optim(opt: Any, sched: Any) -> tuple[dict[str, Any], list[str]]:
 def convert_command(args: argparse.Namespace) -> int:
     """CLI body of ``encdec-launch convert-terratorch``."""
     from encdec.launcher.errors import RecipeError
-    from encdec.launcher.schema import recipe_from_dict
+    from encdec.launcher.validate import recipe_from_dict
 
     path = Path(args.config)
     if not path.is_file():

@@ -182,14 +182,15 @@ class FitOutcome:
 
 
 def train_config(recipe: Recipe, run_dir: Path, sink: Any) -> dict[str, Any]:
-    """``train_loop_config``: the recipe sections as plain dicts (never the schema object), run dir, sink."""
+    """``train_loop_config``: the recipe's typed sections (each worker gets its own copy; never the whole recipe),
+    run dir, sink."""
     return {
         "task": recipe.task,
-        "model": recipe.section("model"),
-        "loss": recipe.section("loss"),
-        "data": recipe.section("data"),
-        "optim": recipe.section("optim"),
-        "train": recipe.section("train"),
+        "model": recipe.model,
+        "loss": recipe.loss,
+        "data": recipe.data,
+        "optim": recipe.optim,
+        "train": recipe.train,
         "seed": recipe.run.seed,
         "init_from": recipe.run.init_from,
         "run_dir": str(run_dir),
@@ -226,7 +227,7 @@ def fit(
         train_loop_per_worker,
         train_loop_config=train_config(recipe, run_dir, sink),
         scaling_config=ScalingConfig(**spec),
-        torch_config=TorchConfig(backend="nccl" if spec["use_gpu"] else "gloo", timeout_s=1800),
+        torch_config=TorchConfig(backend="nccl" if spec["use_gpu"] else "gloo", timeout_s=recipe.train.pg_timeout_s),
         # Train V2's RunConfig at runtime (worker_runtime_env); type checkers resolve ray.air's V1 class
         run_config=RunConfig(  # type: ignore[call-arg]
             name=run_dir.name,

@@ -27,12 +27,11 @@ __all__ = ["export_command", "export_run", "pick_checkpoint"]
 def pick_checkpoint(run_dir: Path, recipe: Any) -> Path:
     """The best checkpoint by the run's validation metric, else the latest complete one."""
     from encdec.train.checkpoint import CheckpointManager, find_latest_checkpoint
-    from encdec.train.loop_parts import LoopConfig
 
-    cfg = LoopConfig.from_section(recipe.section("train"))
+    train = recipe.train
     root = run_dir / "checkpoints"
-    manager = CheckpointManager(root, keep_last=cfg.keep_last, best_metric=cfg.best_metric(recipe.task),
-                                best_mode=cfg.best_mode(recipe.task))
+    manager = CheckpointManager(root, keep_last=train.keep_last, best_metric=train.best_metric_for(recipe.task),
+                                best_mode=train.best_mode_for(recipe.task))
     ckpt = manager.best() or find_latest_checkpoint(root)
     if ckpt is None:
         raise LaunchError(f"{run_dir} has no complete checkpoint under checkpoints/; train first "
@@ -57,26 +56,22 @@ def _single_process_group() -> None:
 def restore(run_dir: Path, recipe: Any, ckpt: Path) -> Any:
     """The run's model with ``ckpt`` loaded, in this process (the unwrapped module)."""
     from encdec.distributed import make_strategy
-    from encdec.models import build_model
+    from encdec.train.build import build_run_model
     from encdec.train.checkpoint import read_meta
-    from encdec.train.loop_parts import LoopConfig, freeze, load_init_from, load_pretrained_weights, seed_everything
+    from encdec.train.loop_parts import seed_everything, strategy_options
 
     meta = read_meta(ckpt)
-    cfg = LoopConfig.from_section(recipe.section("train"))
-    model_section = recipe.section("model")
     name = "deepspeed" if meta.get("strategy") == "deepspeed" else "none"
     if name == "deepspeed":
         _single_process_group()
     seed_everything(recipe.run.seed)  # adapter-only checkpoints rebuild the frozen base from the seed/weights
-    net = build_model(recipe.task, **model_section)
-    load_pretrained_weights(net)
-    if meta.get("adapter_only") and recipe.run.init_from:
-        # an adapter-only checkpoint holds no frozen weights: they came from init_from, as in the run itself
-        load_init_from(net, recipe.run.init_from)
-    freeze(net, freeze_backbone=cfg.freeze_backbone, freeze_decoder=cfg.freeze_decoder)
-    opts = cfg.strategy_options(model_section, recipe.section("data"), 1, 1)
+    # an adapter-only checkpoint holds no frozen weights: they came from init_from, as in the run itself
+    init_from = recipe.run.init_from if meta.get("adapter_only") else None
+    net = build_run_model(recipe.task, recipe.model, recipe.train, init_from=init_from)
+    opts = strategy_options(recipe.train, peft=recipe.model.peft_config is not None,
+                            global_batch_size=recipe.data.global_batch_size, grad_accum=1, world_size=1)
     strategy = make_strategy(name, **opts)
-    strategy.setup(net, recipe.section("optim"), precision="fp32", grad_accum=1, activation_checkpointing=False)
+    strategy.setup(net, recipe.optim, precision="fp32", grad_accum=1, activation_checkpointing=False)
     strategy.load(ckpt)
     return strategy.module
 
@@ -92,9 +87,9 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
     from safetensors.torch import save_file
 
     from encdec.launcher.rundir import RECIPE_FILE, is_run_dir
-    from encdec.launcher.schema import load_recipe
-    from encdec.models import build_model
+    from encdec.launcher.validate import load_recipe
     from encdec.models.export import merge_and_export, to_official_prithvi
+    from encdec.train.build import build_run_model
 
     run_dir = Path(run_dir).resolve()
     if not is_run_dir(run_dir):
@@ -103,11 +98,11 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
     ckpt = Path(checkpoint) if checkpoint else pick_checkpoint(run_dir, recipe)
     module = restore(run_dir, recipe, ckpt)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in merge_and_export(module).items()}
-    plain_block = {k: v for k, v in recipe.section("model").items() if k != "peft_config"}
+    plain_section = recipe.model.without_peft()
+    plain_block = plain_section.factory_kwargs()
     plain_block.pop("backbone_pretrained", None)
     # Check the promise before writing: the merged weights load strictly into the plain model.
-    with torch.device("meta"):
-        plain = build_model(recipe.task, **plain_block)
+    plain = build_run_model(recipe.task, plain_section.without_pretrained(), device="meta")
     plain.load_state_dict(state, strict=True, assign=True)
 
     out_dir = Path(out) if out else run_dir / "export"

@@ -57,10 +57,6 @@ def check_init_from(recipe: Recipe) -> None:
 
 def _meta_model(recipe: Recipe) -> Any:
     """The recipe's model on the meta device, PEFT-wrapped as on the workers (no weights read or allocated)."""
-    import torch
+    from encdec.train.build import build_run_model
 
-    from encdec.launcher.plan import no_pretrained
-    from encdec.models.factory import build_model
-
-    with torch.device("meta"):
-        return build_model(recipe.task, **no_pretrained(recipe.section("model")))
+    return build_run_model(recipe.task, recipe.model.without_pretrained(), device="meta")

@@ -70,7 +70,7 @@ def absolutize_paths(recipe: Any, base: Path) -> None:
 def load_for_run(args: argparse.Namespace) -> tuple[Any, Path | None, str]:
     """The recipe to run, the existing run directory to continue (or None) and where the recipe came from."""
     from encdec.launcher.rundir import RECIPE_FILE, is_run_dir
-    from encdec.launcher.schema import load_recipe
+    from encdec.launcher.validate import load_recipe
 
     existing: Path | None = None
     recipe_path = args.recipe
@@ -114,7 +114,7 @@ def plan_command(args: argparse.Namespace) -> int:
     """``encdec-launch plan RECIPE``: validate, build on meta, print the memory table."""
     from encdec.launcher.plan import make_plan
     from encdec.launcher.plan_view import render_plan
-    from encdec.launcher.schema import load_recipe
+    from encdec.launcher.validate import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, flags=_flags(args))
     plan = make_plan(recipe)
@@ -128,7 +128,8 @@ def plan_command(args: argparse.Namespace) -> int:
 def recipe_command(args: argparse.Namespace) -> int:
     """``encdec-launch recipe --schema`` / ``recipe RECIPE...`` (validate only: schema and cross-field rules)."""
     from encdec.launcher.errors import RecipeError
-    from encdec.launcher.schema import json_schema, load_recipe
+    from encdec.launcher.schema import json_schema
+    from encdec.launcher.validate import load_recipe
 
     if args.schema:
         print(json.dumps(json_schema(), indent=2))

@@ -43,21 +43,21 @@ if TYPE_CHECKING:
     from torch import nn
 
     from encdec.launcher.schema import Recipe
+    from encdec.models.peft import PartCount
 
 __all__ = [
-    "STRATEGIES",
+    "MEMORY_LAYOUTS",
     "ActivationTrace",
     "MemoryEstimate",
-    "PartCount",
     "Plan",
     "build_meta_model",
     "check_names",
     "make_plan",
-    "no_pretrained",
 ]
 
 GiB = 1024**3
-STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
+#: the rows of the memory table: how each strategy lays the model out (DeepSpeed split by ZeRO stage)
+MEMORY_LAYOUTS = ("none", "ddp", "fsdp", "zero2", "zero3")
 # A worker's footprint besides the model, measured on CPU with the quickstart (tests/integration/
 # test_launcher_run.py): 0.66-0.90 GiB RSS when the worker function starts (torch, Ray, gloo), then ~0.33-0.40 GiB
 # more once rasterio/GDAL, PEFT, the reader threads and gloo's buffers are in use (peak 0.99-1.30 GiB for a 4.5M
@@ -66,15 +66,6 @@ STRATEGIES = ("none", "ddp", "fsdp", "zero2", "zero3")
 # node) than when they were evicted. 1.05 GiB sits between the two. On GPU: CUDA context and allocator slack.
 RUNTIME_BYTES_CPU = int(1.05 * GiB)
 RUNTIME_BYTES_GPU = int(0.6 * GiB)
-
-
-@dataclass
-class PartCount:
-    """Parameters of one part of the model."""
-
-    name: str
-    total: int
-    trainable: int
 
 
 @dataclass
@@ -117,7 +108,7 @@ class Plan:
     micro_batch: int
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
-    parts: list[PartCount]
+    parts: dict[str, PartCount]
     estimates: list[MemoryEstimate]
     precision: str
     device: str
@@ -131,11 +122,11 @@ class Plan:
 
     @property
     def total_params(self) -> int:
-        return sum(p.total for p in self.parts)
+        return sum(p.total for p in self.parts.values())
 
     @property
     def trainable_params(self) -> int:
-        return sum(p.trainable for p in self.parts)
+        return sum(p.trainable for p in self.parts.values())
 
     def estimate(self, strategy: str) -> MemoryEstimate:
         """The estimate for ``strategy`` (``ddp``, ``fsdp``, ``zero2``, ``zero3``, ``none``)."""
@@ -160,7 +151,7 @@ class Plan:
             "micro_batch": self.micro_batch,
             "input_shape": list(self.input_shape),
             "output_shape": list(self.output_shape),
-            "parts": [vars(p) for p in self.parts],
+            "parts": [{"name": n, "total": p.total, "trainable": p.trainable} for n, p in self.parts.items()],
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "precision": self.precision,
@@ -216,43 +207,17 @@ def check_names(recipe: Recipe) -> list[RecipeIssue]:
     return issues
 
 
-def no_pretrained(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The planner never reads weights: pretrained flags off and weight paths dropped for the meta build."""
-    kwargs = dict(kwargs)
-    kwargs.pop("backbone_ckpt_path", None)
-    if "backbone_pretrained" in kwargs:
-        kwargs["backbone_pretrained"] = False
-    if isinstance(kwargs.get("backbone_kwargs"), dict):
-        inner = {k: v for k, v in kwargs["backbone_kwargs"].items() if k != "ckpt_path"}
-        if "pretrained" in inner:
-            inner["pretrained"] = False
-        kwargs["backbone_kwargs"] = inner
-    return kwargs
-
-
 def build_meta_model(recipe: Recipe) -> nn.Module:
     """Build the recipe's model on the meta device (no memory for weights). Errors become a RecipeError."""
-    import torch
-
-    from encdec.models.factory import build_model
+    from encdec.train.build import build_run_model
 
     issues = check_names(recipe)
     if issues:
         raise recipe.error(issues)
-    from encdec.launcher import plan_lora
-
-    kwargs = no_pretrained(recipe.section("model"))
-    peft_config = kwargs.get("peft_config")
-    # plain LoRA is planned without importing peft (and transformers): see plan_lora
-    fast = plan_lora.supports(peft_config)
-    if fast:
-        kwargs.pop("peft_config")
     try:
-        with torch.device("meta"):
-            model = build_model(recipe.task, **kwargs)
-            if fast:
-                plan_lora.apply_plan_lora(model.encoder, peft_config)  # type: ignore[arg-type]
-        return model
+        # plain LoRA is planned without importing peft (and transformers, ~4 s): see encdec.models.peft.standin
+        return build_run_model(recipe.task, recipe.model.without_pretrained(), recipe.train, device="meta",
+                               adapters="standin")
     except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as err:
         raise recipe.error([
             RecipeIssue(("model",), f"the model does not build: {type(err).__name__}: {err}", has_value=False,
@@ -261,24 +226,14 @@ def build_meta_model(recipe: Recipe) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- counting
-def count_parts(model: nn.Module) -> list[PartCount]:
-    """Parameters per part: base (frozen/full encoder), adapters (LoRA), neck, decoder, head, aux heads."""
+def count_parts(model: nn.Module) -> dict[str, PartCount]:
+    """Parameters per part (``encdec.models.peft.parameter_report``, the one counter): backbone-base (the
+    encoder without its adapters), adapters, neck, decoder, head, aux_heads; empty optional parts left out."""
+    from encdec.models.peft import parameter_report
 
-    def is_adapter(name: str) -> bool:
-        return "lora_" in name or ".modules_to_save." in name
-
-    parts: dict[str, list[int]] = {n: [0, 0] for n in ("base", "adapters", "neck", "decoder", "head", "aux_heads")}
-    for name, p in model.named_parameters():
-        top = name.split(".", 1)[0]
-        if top == "encoder":
-            key = "adapters" if is_adapter(name) else "base"
-        elif top in parts:
-            key = top
-        else:
-            key = "head"
-        parts[key][0] += p.numel()
-        parts[key][1] += p.numel() if p.requires_grad else 0
-    return [PartCount(n, t, tr) for n, (t, tr) in parts.items() if t or n in ("base", "decoder", "head")]
+    report = parameter_report(model)
+    keep = ("backbone-base", "decoder", "head")
+    return {part: c for part, c in report.items() if part != "total" and (c.total or part in keep)}
 
 
 def _input_shape(recipe: Recipe, batch: int) -> tuple[int, ...]:
@@ -357,17 +312,25 @@ def _expected_output(recipe: Recipe, batch: int) -> tuple[int, ...] | None:
 
 
 # ----------------------------------------------------------------------------------------------- memory
-def resolve_precision(precision: str, on_gpu: bool) -> str:
-    """``auto`` -> ``bf16`` on GPUs and on CPUs with AVX-512-BF16/AMX, else ``fp32`` (the engine's rule)."""
-    if precision != "auto":
-        return precision
+def plan_precision(recipe: Recipe, on_gpu: bool) -> str:
+    """The precision the workers will resolve (``encdec.config.resolve_precision``, the engine's own rule): on a
+    GPU, bf16 unless this machine has a GPU without bf16 (the workers' GPUs are assumed to be like it).
+
+    Raises:
+        RecipeError: ``fp16`` for CPU workers (the engine refuses it there too).
+    """
+    from encdec.config import PrecisionError, resolve_precision
+
+    gpu_bf16 = True
     if on_gpu:
-        return "bf16"
+        import torch
+
+        gpu_bf16 = not torch.cuda.is_available() or torch.cuda.is_bf16_supported()
     try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+        return resolve_precision(recipe.train.precision, "cuda" if on_gpu else "cpu", gpu_bf16=gpu_bf16)
+    except PrecisionError as err:
+        raise recipe.error([RecipeIssue(("train", "precision"), str(err), recipe.train.precision,
+                                        fix="use bf16 or fp32 (or auto) on CPU workers, or give the workers GPUs")]) from None
 
 
 def estimate_memory(
@@ -483,7 +446,7 @@ def make_plan(recipe: Recipe) -> Plan:
         ])
 
     on_gpu = _on_gpu(recipe)
-    precision = resolve_precision(recipe.train.precision, on_gpu)
+    precision = plan_precision(recipe, on_gpu)
     c = 2 if precision in ("bf16", "fp16") else 4
     # Saved float activations shrink to the compute dtype under mixed precision; index tensors do not.
     act = int(trace.total * (trace.float_fraction * c / 4 + (1 - trace.float_fraction)))

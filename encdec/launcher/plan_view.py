@@ -32,8 +32,8 @@ def render_plan(plan: Plan, console: Console, title: str = "") -> None:
     params.add_column("part")
     params.add_column("total", justify="right")
     params.add_column("trainable", justify="right")
-    for p in plan.parts:
-        params.add_row(p.name, _count(p.total), _count(p.trainable))
+    for name, p in plan.parts.items():
+        params.add_row(name, _count(p.total), _count(p.trainable))
     params.add_row("[bold]all", f"[bold]{_count(plan.total_params)}", f"[bold]{_count(plan.trainable_params)}")
     console.print(params)
     console.print(

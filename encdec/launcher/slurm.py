@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encdec.config import ClusterSection, SlurmSection
 from encdec.launcher.errors import LaunchError
 
 __all__ = [
@@ -223,7 +224,7 @@ def resolve_options(recipe: Any, flags: Any = None) -> SlurmOptions:
             return fl[name], "--" + name.replace("_", "-")
         return recipe_value, recipe_field
 
-    nodes_v, where = pick("nodes", cluster.get("nodes", 1), "cluster.nodes")
+    nodes_v, where = pick("nodes", ClusterSection.written_or_default(cluster, "nodes"), "cluster.nodes")
     nodes = _int_field(problems, where, nodes_v, 1)
 
     strings: dict[str, str | None] = {}
@@ -239,7 +240,8 @@ def resolve_options(recipe: Any, flags: Any = None) -> SlurmOptions:
             value = None
         strings[name] = value
 
-    grace_v, grace_where = pick("signal_grace_s", slurm.get("signal_grace_s", 120), "cluster.slurm.signal_grace_s")
+    grace_v, grace_where = pick("signal_grace_s", SlurmSection.written_or_default(slurm, "signal_grace_s"),
+                                "cluster.slurm.signal_grace_s")
     grace = _int_field(problems, grace_where, grace_v, 10, 65535)
     if strings["time"] is not None:
         try:
@@ -253,7 +255,7 @@ def resolve_options(recipe: Any, flags: Any = None) -> SlurmOptions:
             problems.append(f"{grace_where}: {grace} s of warning does not fit in the time limit "
                             f"{strings['time']!r} ({limit} s); fix: a longer time or a smaller signal_grace_s")
 
-    workers = cluster.get("workers_per_node", 1) or 1
+    workers = ClusterSection.written_or_default(cluster, "workers_per_node") or 1
     gpus_v, where = pick("gpus_per_node", None, "cluster.gpus_per_worker")
     if gpus_v is None and cluster.get("gpus_per_worker"):
         gpus_v = math.ceil(float(cluster["gpus_per_worker"]) * float(workers))

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from encdec.config import HLS_BANDS, LOSSES, MODEL_PREFIXES, ModelSection
 from encdec.launcher.errors import (
     LineMap,
     RecipeError,
@@ -22,7 +23,7 @@ from encdec.launcher.errors import (
     missing_mapping_issue,
     yaml_syntax_issue,
 )
-from encdec.launcher.schema import HLS_BANDS, MODEL_PREFIXES, ModelSection, Recipe
+from encdec.launcher.schema import Recipe
 
 __all__ = ["cross_checks", "field_at", "load_recipe", "read_recipe_data", "recipe_from_dict"]
 
@@ -32,12 +33,7 @@ def cross_checks(recipe: Recipe) -> list[RecipeIssue]:
     """Rules that span sections. Returns every violation (not just the first)."""
     issues: list[RecipeIssue] = []
     task, m, loss = recipe.task, recipe.model, recipe.loss
-    allowed = {
-        "segmentation": ("ce", "dice", "ce_dice"),
-        "classification": ("ce",),
-        "regression": ("mse", "l1", "mae", "huber"),
-        "scalar_regression": ("mse", "l1", "mae", "huber"),
-    }[task]
+    allowed = LOSSES[task]
     if loss.name is not None and loss.name not in allowed:
         issues.append(
             RecipeIssue(("loss", "name"), f"loss '{loss.name}' does not fit task '{task}'", loss.name,
@@ -47,11 +43,10 @@ def cross_checks(recipe: Recipe) -> list[RecipeIssue]:
         issues.append(RecipeIssue(("loss", "class_weights"), f"class weights do not apply to task '{task}'",
                                   loss.class_weights, fix="remove loss.class_weights"))
     d = recipe.data
-    hls = [str(b).upper() for b in d.bands] == HLS_BANDS  # the data package's default statistics cover exactly these
-    if (d.means is None or d.stds is None) and not hls:
+    if (d.means is None or d.stds is None) and not d.uses_hls_stats:
         missing = "means" if d.means is None else "stds"
         issues.append(RecipeIssue(("data", missing), f"is needed: default statistics exist only for the six HLS bands "
-                                  f"{HLS_BANDS}", has_value=False,
+                                  f"{list(HLS_BANDS)}", has_value=False,
                                   fix="run `encdec-launch stats <tiles>` and paste its means/stds"))
     if task in ("segmentation", "classification") and m.num_classes is None:
         issues.append(

@@ -113,8 +113,9 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function.
 
-    ``config`` holds the recipe sections as plain dicts (``task``, ``model``, ``loss``, ``data``, ``optim``,
-    ``train``, ``seed``, ``init_from``), the ``run_dir`` and the driver's progress ``sink`` actor (or None).
+    ``config`` holds the task and the recipe's typed sections (``model``, ``loss``, ``data``, ``optim``, ``train``:
+    ``encdec.config`` objects), ``seed``, ``init_from``, the ``run_dir`` and the driver's progress ``sink`` actor
+    (or None).
     """
     import ray
     import ray.train

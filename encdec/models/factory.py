@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from encdec.config import TASKS
 from encdec.models.heads import ClassificationHead, RegressionHead, ScalarHead, SegmentationHead
 from encdec.models.model import (
     AuxiliaryHead,
@@ -26,9 +27,10 @@ from encdec.models.model import (
 )
 from encdec.registry import BACKBONE_REGISTRY, DECODER_REGISTRY, NECK_REGISTRY
 
-__all__ = ["TASKS", "EncoderDecoderFactory", "FactoryError", "build_model"]
+__all__ = ["TASKS", "TASK_MODELS", "EncoderDecoderFactory", "FactoryError", "build_model"]
 
-TASKS: dict[str, type[nn.Module]] = {
+#: the model class of each task (the task names are ``encdec.config.TASKS``)
+TASK_MODELS: dict[str, type[nn.Module]] = {
     "segmentation": PixelWiseModel,
     "regression": PixelWiseModel,
     "classification": ScalarOutputModel,
@@ -187,7 +189,7 @@ class EncoderDecoderFactory:
         Raises:
             FactoryError (a ValueError): unknown task, unused or doubled arguments, missing num_classes.
         """
-        if task not in TASKS:
+        if task not in TASK_MODELS:
             raise FactoryError(f"task {task!r} is not supported; use one of {', '.join(TASKS)}")
         backbone_kwargs = _route(kwargs, backbone_kwargs, "backbone")
         decoder_kwargs = _route(kwargs, decoder_kwargs, "decoder")
@@ -227,7 +229,7 @@ class EncoderDecoderFactory:
             aux_head = None if aux_inc else _build_head(task, int(aux_dec.out_channels), num_classes, aux_head_kwargs)  # type: ignore[arg-type]
             aux_modules[aux.name] = AuxiliaryHeadModule(aux_dec, aux_head)
 
-        model_cls = TASKS[task]
+        model_cls = TASK_MODELS[task]
         return model_cls(task, encoder, dec, head, neck=neck, aux_heads=aux_modules, rescale=rescale)
 
 

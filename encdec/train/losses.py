@@ -6,7 +6,7 @@ per-piece means is then not the mean over the global batch. The loop instead all
 whole global step before the first backward and divides each piece's sum by the global normaliser, so the
 gradient equals the single-process gradient on the whole batch (what torchtune does with token counts).
 
-Loss section (``loss:`` in the recipe):
+Loss section (``loss:`` in the recipe, ``encdec.config.LossSection``):
 
 * ``name``: segmentation ``ce`` | ``dice`` | ``ce_dice``; regression ``mse`` | ``l1`` (alias ``mae``) |
   ``huber``; classification ``ce``; scalar_regression ``mse`` | ``l1`` | ``huber``.
@@ -30,18 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from encdec.config import LOSSES, LossSection
+
 __all__ = ["LOSSES", "PAD_SAMPLE_ID", "LossConfigError", "TaskLoss", "build_loss", "target_of"]
 
 PAD_SAMPLE_ID = -1
 """``sample_id`` of a padded or bad sample (the data contract, INTERFACES.md)."""
 
-LOSSES: dict[str, tuple[str, ...]] = {
-    "segmentation": ("ce", "dice", "ce_dice"),
-    "regression": ("mse", "l1", "mae", "huber"),
-    "classification": ("ce",),
-    "scalar_regression": ("mse", "l1", "mae", "huber"),
-}
-_KEYS = {"name", "ignore_index", "class_weights", "dice_weight", "dice_smooth", "huber_delta", "aux_weights"}
 
 
 class LossConfigError(ValueError):
@@ -223,19 +218,19 @@ class TaskLoss:
         return self.combine(self.sums(output, batch), self.normalizers(batch))
 
 
-def build_loss(task: str, loss_cfg: Mapping[str, Any] | None) -> TaskLoss:
-    """Build the loss from the recipe's ``loss:`` section (see the module docstring for the keys).
+def build_loss(task: str, loss: LossSection) -> TaskLoss:
+    """Build the loss from the recipe's ``loss:`` section (defaults per task: ``LossSection.name_for``).
 
     Raises:
-        LossConfigError: unknown key, or a loss name that does not fit the task.
+        LossConfigError: a loss name that does not fit the task.
     """
-    cfg = dict(loss_cfg or {})
-    unknown = sorted(set(cfg) - _KEYS)
-    if unknown:
-        raise LossConfigError(f"loss section has unknown keys {unknown}; allowed: {sorted(_KEYS)}")
-    default = "ce" if task in ("segmentation", "classification") else "mse"
-    name = cfg.pop("name", default)
-    if task in ("regression", "scalar_regression"):
-        # -1 is a valid regression value: only skip a nodata value the recipe names explicitly
-        cfg.setdefault("ignore_index", None)
-    return TaskLoss(task, name, **cfg)
+    return TaskLoss(
+        task,
+        loss.name_for(task),
+        ignore_index=loss.ignore_index_for(task),
+        class_weights=loss.class_weights,
+        dice_weight=1.0 if loss.dice_weight is None else loss.dice_weight,
+        dice_smooth=1.0 if loss.dice_smooth is None else loss.dice_smooth,
+        huber_delta=1.0 if loss.huber_delta is None else loss.huber_delta,
+        aux_weights=loss.aux_weights,
+    )

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 from _spawn import run_distributed
-from test_loop_parity import MODELS, _sections, _train
+from test_loop_parity import MODELS, _sections, _train, typed
 
 pytestmark = pytest.mark.distributed
 
@@ -53,14 +53,15 @@ def _first_batch_loss(sections: dict[str, Any], weights: dict[str, torch.Tensor]
     net = build_model(sections["task"], **sections["model"])
     net.load_state_dict(weights, strict=True)
     net.train()  # the loop's step-1 loss comes from a training-mode forward (no dropout or batch norms here)
-    it = build_iterator(sections["data"], split="train", seed=sections["seed"])
+    typed_sections = typed(sections)
+    it = build_iterator(typed_sections["data"], split="train", seed=sections["seed"])
     try:
         batch = next(iter(it))
     finally:
         it.close()
     with torch.no_grad():
         out = net(batch["image"])
-    return float(build_loss(sections["task"], sections["loss"])(out, batch))
+    return float(build_loss(sections["task"], typed_sections["loss"])(out, batch))
 
 
 def test_init_from_loads_the_weights_single_and_fsdp(tiles: dict[str, str], tmp_path: Path) -> None:

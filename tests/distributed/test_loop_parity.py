@@ -8,7 +8,12 @@ tiles keep each test well under a minute and a half on 2 cores.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import io
 import itertools
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,32 +84,74 @@ def _sections(tiles: dict[str, str], *, model: str, strategy: str = "none", grad
         "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.01, "warmup_steps": 2, "grad_clip": 1.0,
                   "grad_accum": grad_accum},
         "train": {"max_steps": STEPS, "precision": precision, "strategy": strategy, "zero_stage": zero_stage,
-                  "log_every": 1, "ckpt_every": 100, "val_every": 4 if val else 0, **train_extra},
+                  "log_every": 1, "ckpt_every": 100, **({"val_every": 4} if val else {}), **train_extra},
         "seed": 0,
     }
 
 
+def typed(run: dict[str, Any]) -> dict[str, Any]:
+    """``train()``'s keyword arguments: the plain sections of ``_sections`` as the typed ``encdec.config``
+    objects the engine receives (validated as a recipe's sections are)."""
+    from encdec.config import DataSection, LossSection, ModelSection, OptimSection, TrainSection
+
+    kinds = {"model": ModelSection, "loss": LossSection, "data": DataSection, "optim": OptimSection,
+             "train": TrainSection}
+    return {k: kinds[k].model_validate(v) if k in kinds and isinstance(v, dict) else v for k, v in run.items()}
+
+
+STALE_BEST = {"step": 1, "metric": "val/mIoU", "value": 1.0}  # a best nothing beats: "never save a best"
+
+
+@contextlib.contextmanager
+def _stale_best_view() -> Iterator[None]:
+    """This process reads an old ``best.json`` whatever the file holds (a mounted bucket's stale read)."""
+    real_open = builtins.open
+
+    def stale_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(file).endswith("best.json") and "r" in mode and "+" not in mode:
+            return io.StringIO(json.dumps(STALE_BEST))
+        return real_open(file, mode, *args, **kwargs)
+
+    builtins.open = stale_open
+    try:
+        yield
+    finally:
+        builtins.open = real_open
+
+
 def _train(rank: int, world: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run each training in turn on this rank; return the per-step losses and the final metrics of each."""
+    """Run each training in turn on this rank; return the per-step losses, checkpoints and final metrics of each.
+
+    Test-only keys of a run: ``stop_after`` (request a stop after that many steps), ``stale_best_rank`` (that
+    rank sees a stale ``best.json`` and corrupts the real one after its first checkpoint).
+    """
     from encdec.train.loop import train
 
     results = []
     for run in runs:
         run = dict(run)
         stop_after = run.pop("stop_after", None)
+        stale = run.pop("stale_best_rank", None) == rank
         losses: dict[int, float] = {}
+        ckpts: list[str] = []
         steps_started = itertools.count()
 
-        def report(metrics: dict[str, Any], ckpt: str | None, losses: dict[int, float] = losses) -> None:
+        def report(metrics: dict[str, Any], ckpt: str | None, losses: dict[int, float] = losses,
+                   ckpts: list[str] = ckpts, stale: bool = stale) -> None:
             if "train/loss" in metrics:
                 losses[int(metrics["step"])] = float(metrics["train/loss"])
+            if ckpt is not None:
+                ckpts.append(Path(ckpt).name)
+                if stale and len(ckpts) == 1:
+                    (Path(ckpt).parent / "best.json").write_text("{not json")
 
         def stop(counter: Any = steps_started, limit: Any = stop_after) -> bool:
             return limit is not None and next(counter) >= limit
 
-        final = train(**run, report=report, stop_requested=stop)
+        with _stale_best_view() if stale else contextlib.nullcontext():
+            final = train(**typed(run), report=report, stop_requested=stop)
         results.append({"losses": [losses[s] for s in sorted(losses)], "first_step": min(losses, default=None),
-                        "final": final})
+                        "final": final, "checkpoints": ckpts})
     return results
 
 
@@ -211,3 +258,27 @@ def test_batchnorm_model_trains_on_two_ranks(tiles: dict[str, str], tmp_path: Pa
     run["model"] = spec
     losses = run_distributed(_train, 2, [run], timeout_s=300)[0][0]["losses"]
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
+
+
+def test_a_stale_best_json_on_one_rank_does_not_split_the_ranks(tiles: dict[str, str], tmp_path: Path) -> None:
+    """Whether a step is the best decides a collective save: it comes from the all-reduced metrics and the best
+    kept in memory (and in each checkpoint), never from ``best.json``. Rank 1 here reads a stale ``best.json``
+    (a best nothing beats) and corrupts the real one mid-run; the ranks still save the same checkpoints (reading
+    the file, they would disagree and hang in the save), rank 0 rewrites ``best.json``, and a resume with the file
+    deleted gets the best back from the checkpoint."""
+    run_dir = tmp_path / "run"
+    first = {**_sections(tiles, model="timm_smp_unet", strategy="ddp", val=True, val_every=2, keep_last=1),
+             "run_dir": str(run_dir), "stale_best_rank": 1}
+    first["train"]["max_steps"] = 8
+    (out0,), (out1,) = run_distributed(_train, 2, [first], timeout_s=300)
+    assert out0["checkpoints"] == out1["checkpoints"] and out0["checkpoints"]
+    best = out0["final"]["best"]
+    assert best == out1["final"]["best"] and best["metric"] == "val/mIoU"
+    assert f"step_{best['step']:08d}" in out0["checkpoints"]
+    assert json.loads((run_dir / "checkpoints" / "best.json").read_text()) == best  # rewritten by rank 0
+    assert (run_dir / "checkpoints" / f"step_{best['step']:08d}").is_dir(), "pruning kept the best"
+
+    (run_dir / "checkpoints" / "best.json").unlink()
+    again = {**first, "resume": str(run_dir)}  # at step 8 of 8: restores, trains nothing, reports its best
+    (res0,), (res1,) = run_distributed(_train, 2, [again], timeout_s=300)
+    assert res0["final"]["best"] == res1["final"]["best"] == best

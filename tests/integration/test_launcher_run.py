@@ -87,7 +87,7 @@ def test_quickstart_as_ray_job_end_to_end(ray_cluster: object, quick_tiles: Path
     import yaml
 
     from encdec.launcher.export_cmd import restore
-    from encdec.launcher.schema import load_recipe
+    from encdec.launcher.validate import load_recipe
     from encdec.models import build_model
 
     doc = yaml.safe_load((run_dir / "export" / "model.yaml").read_text())

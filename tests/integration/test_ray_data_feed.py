@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from encdec.config import DataSection
 from encdec.data import build_iterator
 from encdec.data.synthetic import write_tiles
 
@@ -35,9 +36,9 @@ def tiles(tmp_path_factory):
 
 
 def _cfg(tiles):
-    return {"train": {"tiles": str(tiles)}, "val": {"tiles": str(tiles)}, "img_size": SIZE, "global_batch_size": 4,
+    return DataSection.model_validate({"train": {"tiles": str(tiles)}, "val": {"tiles": str(tiles)}, "img_size": SIZE, "global_batch_size": 4,
             "augment": {"hflip": True, "rot90": True}, "max_bad_fraction": 0.5,
-            "reader": {"threads": 2, "ray_cpus_per_task": 0.5}}
+            "reader": {"threads": 2, "ray_cpus_per_task": 0.5}})
 
 
 def _run(cfg, feed, world_size, micro_steps, state=None):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from affine import Affine
 
+from encdec.config import DataSection
 from encdec.data import build_iterator
 from encdec.data import chips as chipmod
 from encdec.data.chips import chip_scene, chip_windows
@@ -52,7 +53,7 @@ def test_chips_through_the_feed_are_padded_and_exact(tmp_path):
     px = _scene(tmp_path)
     cfg = {"train": {"scenes": str(tmp_path), "stride": 32}, "val": {"scenes": str(tmp_path), "stride": 32},
            "img_size": 32, "global_batch_size": 2, "means": [0] * 6, "stds": [1] * 6}
-    batches = list(build_iterator(cfg, split="val"))
+    batches = list(build_iterator(DataSection.model_validate(cfg), split="val"))
     ids = [i for b in batches for i in b["sample_id"].tolist() if i >= 0]
     assert ids == list(range(len(ids))) and len(ids) == 3 * 3  # rows 32, 64, 96(padded) x cols 0, 32, 64(padded)
     first = batches[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import yaml
 
+from encdec.config import DataSection
 from encdec.data import build_iterator
 from encdec.data.commands import make_data, stats
 
@@ -20,7 +21,7 @@ def test_make_data_then_stats_then_iterate(tmp_path, capsys):
     assert abs(sum(result["class_frequencies"].values()) - 1) < 1e-3 and len(result["loss"]["class_weights"]) == 2
     cfg = {"train": {"tiles": str(tmp_path / "d" / "train")}, "img_size": 32, "global_batch_size": 2,
            **result["data"]}
-    batch = next(build_iterator(cfg))
+    batch = next(build_iterator(DataSection.model_validate(cfg)))
     valid = batch["mask"] >= 0
     # Normalised with its own statistics, the valid pixels are centred near 0 with unit-ish spread.
     assert abs(batch["image"].permute(1, 0, 2, 3)[:, valid].mean().item()) < 0.6

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import rasterio
 
-from encdec.data.config import HLS_BANDS
+from encdec.config import HLS_BANDS
 from encdec.data.synthetic import cog_available, make_scene, write_tiles
 
 

@@ -1,48 +1,55 @@
-"""The ``train:`` section as the loop reads it, and the pieces of the loop that need no process group."""
+"""The ``train:`` section as the loop receives it (``encdec.config.TrainSection``), and the pieces of the loop
+that need no process group: strategy options, the trainable set, RNG state."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from encdec.train.loop_parts import LoopConfig, LoopConfigError, capture_rng, freeze, restore_rng, seed_everything
+from encdec.config import TrainSection
+from encdec.models.peft import TrainableSetError, set_trainable
+from encdec.train.loop_parts import capture_rng, restore_rng, seed_everything, strategy_options
 
 
-def test_defaults_and_launcher_keys() -> None:
-    cfg = LoopConfig.from_section({"max_steps": 10, "max_failures": 3, "strategy": "fsdp"})
+def test_defaults_and_best_metric() -> None:
+    cfg = TrainSection(max_steps=10, max_failures=3, strategy="fsdp")
     assert cfg.max_steps == 10 and cfg.strategy == "fsdp" and cfg.precision == "auto"
-    assert cfg.best_metric("segmentation") == "val/mIoU" and cfg.best_mode("segmentation") == "max"
-    assert cfg.best_metric("regression") == "val/rmse" and cfg.best_mode("regression") == "min"
-    custom = LoopConfig.from_section({"epochs": 2, "best_metric": "val/loss"})
-    assert custom.best_mode("segmentation") == "min"
+    assert TrainSection(max_steps=1).strategy == "ddp" and TrainSection(max_steps=1).val_every == 500  # one default
+    assert cfg.best_metric_for("segmentation") == "val/mIoU" and cfg.best_mode_for("segmentation") == "max"
+    assert cfg.best_metric_for("regression") == "val/rmse" and cfg.best_mode_for("regression") == "min"
+    custom = TrainSection(epochs=2, best_metric="val/loss")
+    assert custom.best_mode_for("segmentation") == "min"
 
 
 @pytest.mark.parametrize(
     ("section", "match"),
     [
-        ({"max_steps": 10, "max_step": 5}, r"unknown keys \['max_step'\]"),
-        ({"precision": "bf16"}, "needs max_steps"),
-        ({"max_steps": 10, "log_every": 0}, r"train.log_every must be >= 1"),
-        ({"max_steps": -1}, r"train.max_steps must be an integer >= 0"),
-        ({"max_steps": 10, "zero_stage": 1}, r"zero_stage must be 2 or 3"),
-        ({"max_steps": 10, "best_mode": "up"}, r"best_mode must be 'max' or 'min'"),
+        ({"max_steps": 10, "max_step": 5}, r"max_step\n\s+Extra inputs are not permitted"),
+        ({"precision": "bf16"}, "exactly one of train.max_steps or train.epochs"),
+        ({"max_steps": 10, "log_every": 0}, r"log_every\n\s+Input should be greater than or equal to 1"),
+        ({"max_steps": -1}, r"max_steps\n\s+Input should be greater than or equal to 1"),
+        ({"max_steps": 10, "zero_stage": 1}, r"zero_stage\n\s+Input should be 2 or 3"),
+        ({"max_steps": 10, "best_mode": "up"}, r"best_mode\n\s+Input should be 'max' or 'min'"),
+        ({"max_steps": 10, "pg_timeout_s": 0}, r"pg_timeout_s\n\s+Input should be greater than or equal to 10"),
     ],
 )
 def test_bad_sections(section: dict, match: str) -> None:
-    with pytest.raises(LoopConfigError, match=match):
-        LoopConfig.from_section(section)
+    with pytest.raises(ValidationError, match=match):
+        TrainSection.model_validate(section)
 
 
 def test_strategy_options() -> None:
-    cfg = LoopConfig.from_section({"max_steps": 1, "strategy": "deepspeed", "zero_stage": 2})
-    opts = cfg.strategy_options({"peft_config": {"method": "LORA"}}, {"global_batch_size": 16}, 2, 4)
+    cfg = TrainSection(max_steps=1, strategy="deepspeed", zero_stage=2)
+    opts = strategy_options(cfg, peft=True, global_batch_size=16, grad_accum=2, world_size=4)
     assert opts == {"adapter_only": True, "zero_stage": 2, "micro_batch": 2}
-    full = LoopConfig.from_section({"max_steps": 1, "strategy": "fsdp", "adapter_only": False})
-    assert full.strategy_options({"peft_config": {}}, {"global_batch_size": 16}, 1, 2) == {
+    full = TrainSection(max_steps=1, strategy="fsdp", adapter_only=False)
+    assert strategy_options(full, peft=True, global_batch_size=16, grad_accum=1, world_size=2) == {
         "adapter_only": False, "reshard_after_forward": True, "build_on_rank0": True}
-    every_rank = LoopConfig.from_section({"max_steps": 1, "strategy": "fsdp", "build_on_rank0": False})
-    assert every_rank.strategy_options({}, {"global_batch_size": 16}, 1, 2)["build_on_rank0"] is False
+    every_rank = TrainSection(max_steps=1, strategy="fsdp", build_on_rank0=False)
+    opts = strategy_options(every_rank, peft=False, global_batch_size=16, grad_accum=1, world_size=2)
+    assert opts["build_on_rank0"] is False and opts["adapter_only"] is False
 
 
 class _Net(nn.Module):
@@ -54,25 +61,24 @@ class _Net(nn.Module):
 
 def test_freeze() -> None:
     net = _Net()
-    assert freeze(net, freeze_backbone=True, freeze_decoder=False) == (6, 12)
+    assert tuple(set_trainable(net, freeze_backbone=True, freeze_decoder=False)) == (6, 12)
     assert not net.encoder.weight.requires_grad and net.decoder.weight.requires_grad
-    with pytest.raises(LoopConfigError, match="no parameter is trainable"):
-        freeze(net, freeze_backbone=True, freeze_decoder=True)
+    with pytest.raises(TrainableSetError, match="no parameter is trainable"):
+        set_trainable(net, freeze_backbone=True, freeze_decoder=True)
 
 
 def test_freeze_keeps_peft_adapters_and_check_trainable_catches_the_trap() -> None:
     """The loop's trainable set: freeze_backbone on a PEFT model leaves the adapters trainable; an encoder frozen
     wholesale after PEFT (TerraTorch's freeze_encoder) is what check_trainable, called before the optimizer, stops."""
     from encdec.models import build_model
-    from encdec.models.peft import TrainableSetError, check_trainable
+    from encdec.models.peft import check_trainable
 
     net = build_model("segmentation", backbone="prithvi_eo_tiny", backbone_pretrained=False, backbone_img_size=32,
                       necks=[{"name": "SelectIndices", "indices": [-1]}, {"name": "ReshapeTokensToImage"}],
                       decoder="FCNDecoder", decoder_channels=16, num_classes=2,
                       peft_config={"method": "LORA", "replace_qkv": "qkv",
                                    "peft_config_kwargs": {"target_modules": ["qkv.q_linear"], "r": 2}})
-    freeze(net, freeze_backbone=True, freeze_decoder=True)
-    check_trainable(net)
+    set_trainable(net, freeze_backbone=True, freeze_decoder=True)
     assert {n for n, p in net.named_parameters() if p.requires_grad} and all(
         "lora_" in n for n, p in net.encoder.named_parameters() if p.requires_grad)
     net.encoder.requires_grad_(False)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
+from encdec.config import LossSection
 from encdec.models.model import ModelOutput
-from encdec.train.losses import LossConfigError, build_loss
+from encdec.train.losses import LossConfigError, TaskLoss, build_loss
 
 
 def _seg_batch(b: int = 4, c: int = 3, hw: int = 8, seed: int = 0) -> tuple[torch.Tensor, dict]:
@@ -22,7 +24,7 @@ def _seg_batch(b: int = 4, c: int = 3, hw: int = 8, seed: int = 0) -> tuple[torc
 
 def test_ce_matches_torch_mean_with_ignore_index() -> None:
     logits, batch = _seg_batch()
-    loss = build_loss("segmentation", {"name": "ce", "ignore_index": -1})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce", "ignore_index": -1}))
     ref = F.cross_entropy(logits, batch["mask"], ignore_index=-1)
     torch.testing.assert_close(loss(ModelOutput(logits), batch), ref)
 
@@ -30,7 +32,7 @@ def test_ce_matches_torch_mean_with_ignore_index() -> None:
 def test_ce_class_weights_match_torch_weighted_mean() -> None:
     logits, batch = _seg_batch()
     weights = [0.2, 1.0, 3.0]
-    loss = build_loss("segmentation", {"name": "ce", "ignore_index": -1, "class_weights": weights})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce", "ignore_index": -1, "class_weights": weights}))
     ref = F.cross_entropy(logits, batch["mask"], weight=torch.tensor(weights), ignore_index=-1)
     torch.testing.assert_close(loss(logits, batch), ref)
 
@@ -40,7 +42,7 @@ def test_split_batch_with_global_normalizers_equals_whole_batch(name: str) -> No
     """What the loop does across ranks/micro-batches: per-piece sums over the global normaliser add up to the
     whole-batch loss, while the mean of per-piece means does not (uneven ignored pixels)."""
     logits, batch = _seg_batch()
-    loss = build_loss("segmentation", {"name": name, "class_weights": [0.5, 1.0, 2.0] if name != "dice" else None})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": name, "class_weights": [0.5, 1.0, 2.0] if name != "dice" else None}))
     whole = loss(logits, batch)
     pieces = [(logits[i : i + 2], {"mask": batch["mask"][i : i + 2]}) for i in (0, 2)]
     norms = sum(loss.normalizers(b) for _, b in pieces)
@@ -54,7 +56,7 @@ def test_split_batch_with_global_normalizers_equals_whole_batch(name: str) -> No
 def test_dice_perfect_prediction_is_zero_and_matches_hand_computation() -> None:
     mask = torch.tensor([[[0, 1], [1, -1]]])
     perfect = F.one_hot(mask.clamp(min=0), 2).movedim(-1, 1).float() * 100.0
-    loss = build_loss("segmentation", {"name": "dice", "dice_smooth": 0.0})
+    loss = TaskLoss("segmentation", "dice", dice_smooth=0.0)
     assert float(loss(perfect, {"mask": mask})) == pytest.approx(0.0, abs=1e-6)
 
     logits = torch.zeros(1, 2, 2, 2)  # p = 0.5 everywhere
@@ -66,16 +68,16 @@ def test_dice_perfect_prediction_is_zero_and_matches_hand_computation() -> None:
 
 def test_ce_dice_is_weighted_sum() -> None:
     logits, batch = _seg_batch()
-    ce = build_loss("segmentation", {"name": "ce"})(logits, batch)
-    dice = build_loss("segmentation", {"name": "dice"})(logits, batch)
-    both = build_loss("segmentation", {"name": "ce_dice", "dice_weight": 0.5})(logits, batch)
+    ce = build_loss("segmentation", LossSection.model_validate({"name": "ce"}))(logits, batch)
+    dice = build_loss("segmentation", LossSection.model_validate({"name": "dice"}))(logits, batch)
+    both = build_loss("segmentation", LossSection.model_validate({"name": "ce_dice", "dice_weight": 0.5}))(logits, batch)
     torch.testing.assert_close(both, ce + 0.5 * dice)
 
 
 def test_aux_heads_are_weighted() -> None:
     logits, batch = _seg_batch()
     aux = logits.detach() * 2
-    loss = build_loss("segmentation", {"name": "ce", "aux_weights": {"aux": 0.25}})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce", "aux_weights": {"aux": 0.25}}))
     out = loss(ModelOutput(logits, {"aux": aux}), batch)
     torch.testing.assert_close(out, loss(logits, batch) + 0.25 * loss(aux, batch))
 
@@ -87,28 +89,28 @@ def test_regression_losses_skip_nan_and_match_torch(name: str, ref) -> None:
     target = torch.randn(2, 5, 5, generator=g)
     target[0, 0, :3] = float("nan")
     valid = ~torch.isnan(target)
-    loss = build_loss("regression", {"name": name, "ignore_index": None})
+    loss = build_loss("regression", LossSection.model_validate({"name": name, "ignore_index": None}))
     torch.testing.assert_close(loss(pred, {"mask": target}), ref(pred[valid], target[valid]))
 
 
 def test_regression_ignore_index_is_a_nodata_value() -> None:
     pred = torch.zeros(1, 2, 2)
     target = torch.tensor([[[1.0, -9999.0], [3.0, -9999.0]]])
-    loss = build_loss("regression", {"name": "mse", "ignore_index": -9999})
+    loss = build_loss("regression", LossSection.model_validate({"name": "mse", "ignore_index": -9999}))
     assert float(loss(pred, {"mask": target})) == pytest.approx((1 + 9) / 2)
 
 
 def test_classification_ce_uses_label() -> None:
     logits = torch.randn(6, 4)
     label = torch.tensor([0, 1, 2, 3, -1, 1])
-    loss = build_loss("classification", {"name": "ce"})
+    loss = build_loss("classification", LossSection.model_validate({"name": "ce"}))
     ref = F.cross_entropy(logits, label, ignore_index=-1)
     torch.testing.assert_close(loss(logits, {"label": label}), ref)
 
 
 def test_all_ignored_batch_gives_zero_not_nan() -> None:
     logits = torch.randn(1, 2, 3, 3, requires_grad=True)
-    loss = build_loss("segmentation", {"name": "ce"})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce"}))
     value = loss(logits, {"mask": torch.full((1, 3, 3), -1)})
     assert float(value.detach()) == 0.0
     value.backward()
@@ -117,15 +119,15 @@ def test_all_ignored_batch_gives_zero_not_nan() -> None:
 
 def test_bad_config_errors_name_the_field() -> None:
     with pytest.raises(LossConfigError, match=r"loss.name 'mse' does not fit task 'segmentation'"):
-        build_loss("segmentation", {"name": "mse"})
-    with pytest.raises(LossConfigError, match=r"unknown keys \['weights'\]"):
-        build_loss("segmentation", {"name": "ce", "weights": [1, 2]})
+        build_loss("segmentation", LossSection.model_validate({"name": "mse"}))
+    with pytest.raises(ValidationError, match=r"weights\n\s+Extra inputs are not permitted"):
+        LossSection.model_validate({"name": "ce", "weights": [1, 2]})
     with pytest.raises(LossConfigError, match="class_weights is only for"):
-        build_loss("regression", {"name": "mse", "class_weights": [1.0]})
+        build_loss("regression", LossSection.model_validate({"name": "mse", "class_weights": [1.0]}))
 
 
 def test_target_outside_classes_is_a_clear_error() -> None:
-    loss = build_loss("segmentation", {"name": "ce"})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce"}))
     with pytest.raises(ValueError, match=r"target class 5 is outside 0..2"):
         loss(torch.randn(1, 3, 2, 2), {"mask": torch.tensor([[[0, 5], [1, 2]]])})
     with pytest.raises(KeyError, match="needs batch\\['mask'\\]"):
@@ -164,7 +166,7 @@ def test_padded_samples_never_count(task: str, section: dict, key: str, fill: fl
     else:
         logits = torch.randn(3, 3, generator=g) if task == "classification" else torch.randn(3, generator=g)
         target = torch.randint(0, 3, (3,), generator=g) if task == "classification" else torch.randn(3, generator=g)
-    loss = build_loss(task, section)
+    loss = build_loss(task, LossSection.model_validate(section))
     plain = {key: target}
     padded = _with_padding(plain, key, fill)
     pred = torch.cat([torch.randn_like(logits[:1]), logits]).requires_grad_(True)

@@ -10,9 +10,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
+from encdec.config import DataSection, LossSection
 from encdec.launcher.errors import RecipeError
 from encdec.launcher.overrides import OverrideError, parse_override, parse_path
-from encdec.launcher.schema import Recipe, json_schema, load_recipe, recipe_from_dict
+from encdec.launcher.schema import Recipe, json_schema
+from encdec.launcher.validate import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -46,9 +48,9 @@ def test_shipped_recipes_exist() -> None:
 def test_shipped_recipe_validates(path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.model.backbone
-    # the sections the other packages read are plain dicts with the shared names
-    assert set(recipe.section("data")) >= {"train", "bands", "img_size", "global_batch_size"}
-    assert recipe.section("data")["feed"] in ("reader", "ray")
+    # the sections the other packages receive are the typed objects of encdec.config
+    assert isinstance(recipe.data, DataSection) and recipe.data.feed in ("reader", "ray")
+    assert recipe.data.split("train") is not None
 
 
 def test_every_field_is_described() -> None:
@@ -69,9 +71,12 @@ def test_json_schema_has_every_section() -> None:
 def test_minimal_recipe_and_defaults() -> None:
     r = recipe_from_dict(MINIMAL)
     assert r.train.strategy == "ddp" and r.cluster.world_size == 1
-    assert r.section("model") == {"backbone": "prithvi_eo_tiny", "decoder": "FCNDecoder", "num_classes": 2,
-                                  "rescale": True}
-    assert r.section("loss") == {}  # the engine's per-task defaults apply
+    assert r.model.factory_kwargs() == {"backbone": "prithvi_eo_tiny", "decoder": "FCNDecoder", "num_classes": 2,
+                                        "rescale": True}
+    assert r.loss == LossSection()  # the per-task defaults apply
+    assert (r.loss.name_for("segmentation"), r.loss.ignore_index_for("segmentation")) == ("ce", -1)
+    assert (r.loss.name_for("regression"), r.loss.ignore_index_for("regression")) == ("mse", None)
+    assert r.train.pg_timeout_s == 1800
 
 
 def test_terratorch_model_args_paste_in_unchanged() -> None:
@@ -84,7 +89,7 @@ def test_terratorch_model_args_paste_in_unchanged() -> None:
     }
     data = {**MINIMAL, "model": model_args, "data": {**MINIMAL["data"], "bands": ["BLUE", "GREEN"],
                                                      "means": [1, 2], "stds": [1, 2]}}
-    out = recipe_from_dict(data).section("model")
+    out = recipe_from_dict(data).model.factory_kwargs()
     assert {k: out[k] for k in model_args} == model_args
 
 
@@ -145,32 +150,10 @@ def test_override_typed_like_the_file(tmp_path: Path) -> None:
     r = load_recipe(path, ["optim.lr=3e-4", "train.max_steps=7", "model.necks=[{name: SelectIndices, indices: [0]}]"],
                     flags={"cluster.nodes": 2, "data.global_batch_size": 8})
     assert r.optim.lr == 3e-4 and r.train.max_steps == 7 and r.cluster.nodes == 2
-    assert r.section("model")["necks"] == [{"name": "SelectIndices", "indices": [0]}]
+    assert r.model.factory_kwargs()["necks"] == [{"name": "SelectIndices", "indices": [0]}]
 
 
 # --------------------------------------------------------------------------- the engine's options, end to end
-def _engine_keys() -> dict[str, set[str]]:
-    """The keys the engine reads from each section (its own allow-lists, which reject anything else)."""
-    from dataclasses import fields
-
-    from encdec.train import loop_parts, losses, optim
-
-    renamed = {"best_metric_name": "best_metric", "best_mode_name": "best_mode"}
-    train = {renamed.get(f.name, f.name) for f in fields(loop_parts.LoopConfig)} | loop_parts._LAUNCHER_KEYS
-    return {"loss": set(losses._KEYS), "optim": set(optim._KEYS), "train": train}
-
-
-def test_schema_and_engine_accept_the_same_keys() -> None:
-    from encdec.launcher.schema import LossSection, OptimSection, TrainSection
-
-    schema = {"loss": set(LossSection.model_fields), "optim": set(OptimSection.model_fields),
-              "train": set(TrainSection.model_fields)}
-    engine = _engine_keys()
-    for section in ("loss", "optim", "train"):
-        assert schema[section] - engine[section] == set(), f"{section}: the schema accepts keys the engine rejects"
-        assert engine[section] - schema[section] == set(), f"{section}: engine keys a recipe cannot reach"
-
-
 FULL_OPTIONS: dict[str, Any] = {
     "loss": {"name": "ce_dice", "ignore_index": 255, "class_weights": [1.0, 3.0], "dice_weight": 0.5,
              "dice_smooth": 0.25, "aux_weights": {"aux": 0.3}},
@@ -195,43 +178,42 @@ def _full_recipe() -> Recipe:
 def test_every_option_reaches_the_engine_as_written() -> None:
     import torch
 
-    from encdec.train.loop_parts import LoopConfig
+    from encdec.train.loop_parts import strategy_options
     from encdec.train.losses import build_loss
-    from encdec.train.optim import build_optimizer, check_optim_cfg
+    from encdec.train.optim import build_optimizer
 
     recipe = _full_recipe()
     for section in ("loss", "optim", "train"):  # as written (the other optimizer's defaults ride along unread)
-        sent = recipe.section(section)
+        sent = getattr(recipe, section).model_dump(mode="json")
         assert {k: sent[k] for k in FULL_OPTIONS[section]} == FULL_OPTIONS[section]
-        assert set(sent) - set(FULL_OPTIONS[section]) <= {"momentum", "nesterov"}
-    cfg = LoopConfig.from_section(recipe.section("train"))
+    cfg = recipe.train
     assert (cfg.log_every, cfg.freeze_backbone, cfg.freeze_decoder, cfg.adapter_only, cfg.reshard_after_forward) == (
         3, True, True, False, False)
-    assert cfg.best_metric("segmentation") == "val/IoU_1" and cfg.best_mode("segmentation") == "min"
-    opts = cfg.strategy_options(recipe.section("model"), recipe.section("data"), 2, 2)
+    assert cfg.best_metric_for("segmentation") == "val/IoU_1" and cfg.best_mode_for("segmentation") == "min"
+    opts = strategy_options(cfg, peft=False, global_batch_size=recipe.data.global_batch_size, grad_accum=2,
+                            world_size=2)
     assert (opts["reshard_after_forward"], opts["build_on_rank0"]) == (False, False)
-    loss = build_loss("segmentation", recipe.section("loss"))
+    loss = build_loss("segmentation", recipe.loss)
     assert loss.terms == ("ce", "dice") and loss.term_weights.tolist() == [1.0, 0.5]
     assert (loss.dice_smooth, loss.aux_weights, loss.ignore_index) == (0.25, {"aux": 0.3}, 255)
-    check_optim_cfg(recipe.section("optim"))
-    opt = build_optimizer(torch.nn.Linear(2, 2), recipe.section("optim"))
+    opt = build_optimizer(torch.nn.Linear(2, 2), recipe.optim)
     group = opt.param_groups[0]
     assert (group["betas"], group["eps"], group["fused"]) == ((0.8, 0.95), 1e-6, None)
     sgd = recipe_from_dict({**MINIMAL, "optim": {"name": "sgd", "momentum": 0.5, "nesterov": True}})
-    group = build_optimizer(torch.nn.Linear(2, 2), sgd.section("optim")).param_groups[0]
+    group = build_optimizer(torch.nn.Linear(2, 2), sgd.optim).param_groups[0]
     assert (group["momentum"], group["nesterov"]) == (0.5, True)
     huber = recipe_from_dict({**MINIMAL, "task": "regression", "loss": {"name": "huber", "huber_delta": 0.2},
                               "model": {**MINIMAL["model"], "num_classes": 1}})
-    assert build_loss("regression", huber.section("loss")).huber_delta == 0.2
+    assert build_loss("regression", huber.loss).huber_delta == 0.2
 
 
 def test_resolved_recipes_validate_again() -> None:
     # a run directory's recipe.yaml spells out every default: no option rule may trip on those
     for path in RECIPES:
         recipe = load_recipe(path)
-        assert recipe_from_dict(recipe.to_yaml_dict()).section("optim") == recipe.section("optim")
+        assert recipe_from_dict(recipe.to_yaml_dict()).optim == recipe.optim
     full = _full_recipe()
-    assert recipe_from_dict(full.to_yaml_dict()).section("train") == full.section("train")
+    assert recipe_from_dict(full.to_yaml_dict()).train == full.train
 
 
 def test_option_rules_name_the_key_and_the_fix() -> None:

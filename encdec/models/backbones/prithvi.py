@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from encdec.config import HLS_MEANS, HLS_STDS
 from encdec.models.backbones.prithvi_bands import DEFAULT_BANDS, normalize_bands
 from encdec.models.backbones.prithvi_encoder import PrithviViT
 from encdec.models.backbones.prithvi_load import (
@@ -48,8 +49,8 @@ __all__ = [
 ]
 
 #: Per-band statistics published with Prithvi-EO-2.0 (HLS reflectance x 1e4), in DEFAULT_BANDS order.
-PRITHVI_MEANS = (1087.0, 1342.0, 1433.0, 2734.0, 1958.0, 1363.0)
-PRITHVI_STDS = (2248.0, 2179.0, 2178.0, 1850.0, 1242.0, 1049.0)
+PRITHVI_MEANS = HLS_MEANS
+PRITHVI_STDS = HLS_STDS
 _TL = ("time", "location")
 
 

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
-__all__ = ["DEFAULT_BANDS", "HLS_BANDS", "Band", "band_label", "normalize_bands"]
+from encdec.config import HLS_BANDS
 
-HLS_BANDS: tuple[str, ...] = (
+__all__ = ["DEFAULT_BANDS", "HLS_BAND_NAMES", "Band", "band_label", "normalize_bands"]
+
+#: every HLS band name (Sentinel-2 + Landsat), the names a band list may use
+HLS_BAND_NAMES: tuple[str, ...] = (
     "COASTAL_AEROSOL",
     "BLUE",
     "GREEN",
@@ -34,7 +37,7 @@ HLS_BANDS: tuple[str, ...] = (
 )
 
 #: The six HLS bands every Prithvi-EO-2.0 checkpoint was pretrained on, in channel order.
-DEFAULT_BANDS: tuple[str, ...] = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
+DEFAULT_BANDS: tuple[str, ...] = HLS_BANDS
 
 Band = str | int
 
@@ -51,7 +54,7 @@ def _one(band: Any, field: str, index: int) -> Band:
         if not name:
             raise ValueError(f"{field}[{index}] is an empty string; give an HLS band name such as 'RED' or an int id")
         upper = name.upper()
-        return upper if upper in HLS_BANDS else name
+        return upper if upper in HLS_BAND_NAMES else name
     raise ValueError(
         f"{field}[{index}] = {band!r} ({type(band).__name__}) is not a band; use an HLS name "
         f"({', '.join(DEFAULT_BANDS)}, ...), an int id or an inclusive (first, last) interval of ints"

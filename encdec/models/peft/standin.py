@@ -3,7 +3,7 @@
 Importing ``peft`` imports ``transformers``, several seconds on a small machine - most of what a plan of the
 300M recipe would cost. For plain LoRA (the recipes' case) the planner instead splits qkv with
 ``encdec.models.peft.replace_qkv`` (no peft import), checks ``target_modules`` with peft's matching rule, freezes
-the encoder and wraps each target ``Linear`` in :class:`PlanLoRA`, which computes ``base(x) + B(A(x)) * s`` like
+the encoder and wraps each target ``Linear`` in :class:`StandinLoRA`, which computes ``base(x) + B(A(x)) * s`` like
 peft's LoRA layer: the parameter counts (``lora_A``: r x in, ``lora_B``: out x r) and the tensors autograd saves
 are the same (tests/unit/test_plan.py compares with a real peft model). Other PEFT methods and LoRA options that
 change the layer (DoRA, per-layer ranks, ...) go through peft itself.
@@ -12,28 +12,30 @@ change the layer (DoRA, per-layer ranks, ...) go through peft itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PlanLoRA", "apply_plan_lora", "supports"]
+from encdec.config import PeftSection
+from encdec.models.peft.config import PeftConfigError
+from encdec.models.peft.qkv import replace_qkv
+
+__all__ = ["StandinLoRA", "apply_standin_lora", "supports_standin"]
 
 # LoRA options that leave the layer as base + B(A(x)) * scaling
 _PLAIN_KEYS = {"target_modules", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "init_lora_weights",
                "fan_in_fan_out", "exclude_modules"}
 
 
-def supports(peft_config: Mapping[str, Any] | None) -> bool:
+def supports_standin(peft: PeftSection | None) -> bool:
     """Whether the planner can stand in for peft on this config (plain LoRA)."""
-    if not peft_config or str(peft_config.get("method", "LORA")).upper() != "LORA":
+    if peft is None or peft.method.upper() != "LORA":
         return False
-    kwargs = dict(peft_config.get("peft_config_kwargs") or {})
+    kwargs = peft.peft_config_kwargs
     return set(kwargs) <= _PLAIN_KEYS and kwargs.get("bias", "none") == "none"
 
 
-class PlanLoRA(nn.Module):
+class StandinLoRA(nn.Module):
     """``base(x) + lora_B(lora_A(x)) * scaling`` with a frozen base (the shape of peft's LoRA Linear)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, rslora: bool) -> None:
@@ -54,17 +56,15 @@ def _matches(names: list[str], targets: str | list[str]) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in targets)]
 
 
-def apply_plan_lora(encoder: nn.Module, peft_config: Mapping[str, Any]) -> int:
+def apply_standin_lora(encoder: nn.Module, peft: PeftSection) -> int:
     """Split qkv, freeze ``encoder`` and wrap its LoRA targets in place. Returns the adapter parameter count.
 
     Raises:
         ValueError: (``PeftConfigError``) no target matched, a target is not a Linear, or a bad ``replace_qkv``.
     """
-    from encdec.models.peft import PeftConfigError, replace_qkv
-
-    kwargs = dict(peft_config.get("peft_config_kwargs") or {})
-    if peft_config.get("replace_qkv"):
-        replace_qkv(encoder, str(peft_config["replace_qkv"]))
+    kwargs = dict(peft.peft_config_kwargs)
+    if peft.replace_qkv:
+        replace_qkv(encoder, peft.replace_qkv)
     targets = kwargs.get("target_modules")
     if not targets:
         raise PeftConfigError("peft_config.peft_config_kwargs.target_modules is empty: name the Linear layers to adapt")
@@ -87,7 +87,7 @@ def apply_plan_lora(encoder: nn.Module, peft_config: Mapping[str, Any]) -> int:
                                   "layers (peft supports others: they are planned through peft)")
         parent, _, attr = name.rpartition(".")
         with torch.device(layer.weight.device):
-            wrapped = PlanLoRA(layer, r, alpha, bool(kwargs.get("use_rslora", False)))
+            wrapped = StandinLoRA(layer, r, alpha, bool(kwargs.get("use_rslora", False)))
         setattr(encoder.get_submodule(parent) if parent else encoder, attr, wrapped)
         added += r * (layer.in_features + layer.out_features)
     return added
