@@ -1,6 +1,7 @@
 """Sharding strategies (none, ddp, fsdp, deepspeed) behind one ``Strategy`` interface, and process-group set-up.
 
-Each strategy imports its library lazily: importing this package costs nothing beyond torch.
+Each strategy imports its library lazily: importing this package costs nothing beyond torch (and the recipe's
+typed sections, ``encdec.config``, the one layer below this one).
 """
 
 from __future__ import annotations
@@ -9,13 +10,21 @@ import difflib
 import inspect
 from typing import Any
 
-from encdec.distributed.process_group import default_backend, default_device, find_free_port, init_process_group
+from encdec.config.names import STRATEGIES
+from encdec.distributed.process_group import (
+    barrier,
+    default_backend,
+    default_device,
+    find_free_port,
+    init_process_group,
+)
 from encdec.distributed.strategy import Strategy, StrategyError
 
 __all__ = [
     "STRATEGIES",
     "Strategy",
     "StrategyError",
+    "barrier",
     "default_backend",
     "default_device",
     "find_free_port",
@@ -23,15 +32,13 @@ __all__ = [
     "make_strategy",
 ]
 
-STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
-
-
 def make_strategy(name: str, **opts: Any) -> Strategy:
     """Build the strategy named by the recipe's ``train.strategy``.
 
     Args:
         name: ``none`` | ``ddp`` | ``fsdp`` | ``deepspeed``.
-        **opts: constructor options. All: ``optimizer_factory``, ``adapter_only``, ``device``.
+        **opts: constructor options. All: ``optimizer_factory`` (required by ``setup``: the loop passes
+            ``encdec.train.optim.build_optimizer``), ``adapter_only``, ``device``, ``pg_timeout_s``.
             ``ddp``: ``bucket_cap_mb``, ``sync_batchnorm``. ``fsdp``: ``reshard_after_forward``, ``sync_batchnorm``,
             ``build_on_rank0``.
             ``deepspeed``: ``zero_stage`` (2 | 3), ``micro_batch`` (per-rank micro-batch size, for DeepSpeed's

@@ -10,6 +10,9 @@ rank 0's full state dict, moves every rank's model to the meta device, shards it
 buffer, also those outside the state dict). A rank > 0 so never allocates more than its shards, and rank 0 no
 more than its full copy plus one tensor.
 
+Gradients are reduce-scattered as sums (divide factor 1, sum-only collectives, as torchtitan sets it): the loop's
+losses are already normalised for the global batch (``Strategy.backward``), so FSDP2 must not average them.
+
 bf16/fp16: the MixedPrecisionPolicy all-gathers parameters in the compute dtype (sharded fp32 masters, fp32
 gradient reduction); ``autocast()`` (torch.autocast, inherited) covers ops whose inputs come from fp32 buffers
 (e.g. frozen BatchNorm statistics, position embeddings), which the policy does not cast.
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 from encdec.distributed.strategy import StrategyError
 from encdec.distributed.torch_common import TorchStrategy, convert_sync_batchnorm, sharding_units
 
-__all__ = ["FSDPStrategy"]
+__all__ = ["FSDPStrategy", "disable_gradient_division"]
 
 
 class FSDPStrategy(TorchStrategy):
@@ -59,6 +62,10 @@ class FSDPStrategy(TorchStrategy):
     def meta_build(self) -> bool:
         """Ranks > 0 build on the meta device when ``build_on_rank0`` (rank 0's weights reach them in setup)."""
         return self._broadcasts and self.rank != 0
+
+    def store_frozen_weights(self, model: nn.Module, precision: str) -> dict[str, int]:
+        """Nothing: the MixedPrecisionPolicy casts the gathered parameters (frozen ones included) itself."""
+        return {"frozen_cast": 0, "adapters": 0}
 
     def _mp_policy(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -98,6 +105,7 @@ class FSDPStrategy(TorchStrategy):
         # the root's own parameters (patch embedding, necks, head) form the last group; it is not resharded
         # after forward because backward needs it first
         fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+        disable_gradient_division(model)
         if broadcast:
             model.to_empty(device=self.device)  # this rank's shards only
             _fill_from_rank0(model, full, loose, self.rank, self.device)
@@ -116,6 +124,21 @@ class FSDPStrategy(TorchStrategy):
         if is_last_micro:
             return contextlib.nullcontext()
         return self._sync(False)
+
+
+def disable_gradient_division(model: nn.Module) -> int:
+    """Make every FSDP2 unit of ``model`` reduce gradients as plain sums; returns how many units were set.
+
+    ``set_gradient_divide_factor`` is per unit (not recursive). ``set_force_sum_reduction_for_comms`` keeps the
+    collective a SUM (no PREMUL_SUM, which gloo lacks) and, with factor 1, FSDP2 then scales nothing at all.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
+    return len(units)
 
 
 def _rank0_state(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -1,4 +1,10 @@
-"""Process-group set-up: idempotent (Ray Train and torchrun may already have made one), gloo on CPU, NCCL on GPU."""
+"""Process-group set-up: idempotent (Ray Train and torchrun may already have made one), gloo on CPU, NCCL on GPU.
+
+NCCL needs to know each rank's device: a group made here is bound to it (``device_id``), and every barrier names it
+(``device_ids``). Without that NCCL guesses the device for a barrier ("using GPU 0 to perform barrier as devices used
+by this process are currently unknown"), the pattern behind FSDP2 hangs under Ray Train (ray-project/ray#57860).
+The collective timeout is the recipe's ``train.pg_timeout_s``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,18 @@ import socket
 
 import torch
 
-__all__ = ["default_backend", "default_device", "find_free_port", "init_process_group", "local_rank"]
+__all__ = [
+    "DEFAULT_PG_TIMEOUT_S",
+    "barrier",
+    "default_backend",
+    "default_device",
+    "find_free_port",
+    "init_process_group",
+    "local_rank",
+]
+
+DEFAULT_PG_TIMEOUT_S = 1800.0
+"""torch's own default for collectives (30 min); the recipe's ``train.pg_timeout_s`` overrides it."""
 
 
 def local_rank() -> int:
@@ -35,7 +52,7 @@ def find_free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def init_process_group(backend: str | None = None, *, timeout_s: float = 1800.0) -> bool:
+def init_process_group(backend: str | None = None, *, timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> bool:
     """Join the default process group if the environment describes one; do nothing if one exists.
 
     Reads the usual ``env://`` variables (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``), which Ray
@@ -43,7 +60,8 @@ def init_process_group(backend: str | None = None, *, timeout_s: float = 1800.0)
 
     Args:
         backend: ``gloo`` or ``nccl``; default: NCCL with CUDA, else gloo.
-        timeout_s: collective timeout.
+        timeout_s: collective timeout (``train.pg_timeout_s``): how long a rank waits in a collective for the
+            others before the job fails instead of hanging.
 
     Returns:
         True when a process group is initialised after the call.
@@ -67,7 +85,32 @@ def init_process_group(backend: str | None = None, *, timeout_s: float = 1800.0)
             "RANK and WORLD_SIZE (torchrun and Ray Train do) or unset WORLD_SIZE for a single process"
         )
     backend = backend or default_backend()
+    timeout = datetime.timedelta(seconds=float(timeout_s))
     if backend == "nccl":
-        torch.cuda.set_device(default_device())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        device = default_device()
+        torch.cuda.set_device(device)
+        # bind the group to this rank's GPU: NCCL then never has to guess it (see the module docstring)
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout)
     return True
+
+
+def barrier(device: torch.device | None = None) -> None:
+    """Wait for every rank (no-op without a process group); on NCCL on ``device`` (default: this rank's GPU).
+
+    NCCL's barrier is a collective on a device: without ``device_ids`` it guesses one from the rank, which is
+    wrong where a worker sees another GPU than ``cuda:<rank>`` (Ray Train, ``CUDA_VISIBLE_DEVICES``), and a rank
+    waiting on the wrong GPU hangs the job.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":
+        if device is None or device.type != "cuda":
+            device = default_device()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        dist.barrier(device_ids=[index])
+    else:
+        dist.barrier()

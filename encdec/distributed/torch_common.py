@@ -1,4 +1,5 @@
-"""What the torch-native strategies (none, ddp, fsdp) share: stepping, loss scaling and DCP checkpoints.
+"""What the torch-native strategies (none, ddp, fsdp) share: stepping, loss scaling, frozen-weight storage
+under autocast, and DCP checkpoints.
 
 Checkpoints use torch.distributed.checkpoint (DCP) with state dicts keyed by the unwrapped model's parameter
 names (``get_state_dict``), so a checkpoint written by any of none/ddp/fsdp at any world size loads into any of
@@ -12,12 +13,16 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from encdec.distributed.frozen_storage import store_for_autocast
 from encdec.distributed.strategy import Strategy, StrategyError
+
+if TYPE_CHECKING:
+    from encdec.config import OptimSection
 
 __all__ = ["TorchStrategy", "apply_activation_checkpointing", "sharding_units"]
 
@@ -67,19 +72,19 @@ class TorchStrategy(Strategy):
     def setup(
         self,
         model: nn.Module,
-        optim_cfg: Mapping[str, Any],
+        optim_cfg: OptimSection | Mapping[str, Any],
         *,
         precision: str,
         grad_accum: int,
         activation_checkpointing: bool,
     ) -> None:
         """See ``Strategy.setup``."""
-        self._check_setup_args(model, precision, grad_accum)
+        optim = self._check_setup_args(model, optim_cfg, precision, grad_accum)
         self._unwrapped = model
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         self._model = self._wrap(model)
-        self._optimizer = self.optimizer_factory(self._unwrapped, optim_cfg)
+        self._optimizer = self._build_optimizer(self._unwrapped, optim)
         self._scaler = None
         if precision == "fp16":
             self._scaler = torch.amp.GradScaler(self.device.type)
@@ -102,9 +107,13 @@ class TorchStrategy(Strategy):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def store_frozen_weights(self, model: nn.Module, precision: str) -> dict[str, int]:
+        """Frozen linear/conv weights in the compute dtype once (forward runs under autocast); see
+        ``encdec.distributed.frozen_storage``."""
+        return store_for_autocast(model, precision)
+
     def backward(self, loss: Tensor) -> None:
-        """Backward of ``loss / grad_accum`` (loss-scaled in fp16)."""
-        loss = loss / self.grad_accum if self.grad_accum > 1 else loss
+        """Backward of the already-normalised ``loss`` (loss-scaled in fp16); the wrapper sums over ranks."""
         if self._scaler is not None:
             loss = self._scaler.scale(loss)
         loss.backward()
@@ -143,31 +152,21 @@ class TorchStrategy(Strategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        from encdec.train.checkpoint import atomic_checkpoint_dir, save_extra
-
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=self._state_options())
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         if self._scaler is not None:
             extra = {**dict(extra), "grad_scaler": self._scaler.state_dict()}
-        meta = self._checkpoint_meta(DCP_FORMAT, extra.get("step"))
-        with atomic_checkpoint_dir(ckpt_dir, rank=self.rank, barrier=self.barrier, meta=meta) as tmp, _one_process():
+        with self._writing(ckpt_dir, DCP_FORMAT, extra) as tmp, _one_process():
             dcp.save(state, checkpoint_id=str(tmp / "state"))
-            save_extra(tmp, self.rank, extra)
 
     def load(self, ckpt_dir: str | Path) -> dict[str, Any]:
         """DCP load (resharding to this world size); see ``Strategy.load``."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        from encdec.train.checkpoint import CheckpointError, load_extra, read_meta
+        from encdec.distributed.ckpt_io import CheckpointError
 
-        meta = read_meta(ckpt_dir)
-        if meta.get("format") != DCP_FORMAT:
-            raise CheckpointError(
-                f"checkpoint {str(ckpt_dir)!r} was written by strategy {meta.get('strategy')!r} in format "
-                f"{meta.get('format')!r}; strategy {self.name!r} reads {DCP_FORMAT!r} checkpoints (none/ddp/fsdp). "
-                "Resume with the strategy that wrote it"
-            )
+        meta = self._read_checkpoint_meta(ckpt_dir, DCP_FORMAT, "none/ddp/fsdp")
         adapter_only = bool(meta.get("adapter_only", False))
         options = StateDictOptions(ignore_frozen_params=adapter_only)
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=options)
@@ -186,7 +185,7 @@ class TorchStrategy(Strategy):
             optim_state_dict=state["optim"],
             options=StateDictOptions(strict=not adapter_only),
         )
-        extra = load_extra(ckpt_dir, self.rank, self.world_size)
+        extra = self._load_extra(ckpt_dir)
         scaler_state = extra.pop("grad_scaler", None)
         if self._scaler is not None and scaler_state is not None:
             self._scaler.load_state_dict(scaler_state)

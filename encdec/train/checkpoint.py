@@ -1,36 +1,47 @@
-"""Checkpoint bookkeeping shared by every strategy: atomic directories, completeness, last-k + best, export.
+"""Checkpoint bookkeeping shared by every strategy: naming, latest complete, last-k + best, export.
 
 Layout of one run's checkpoints (``root`` is ``<run_dir>/checkpoints``)::
 
-    root/step_00000010/          a complete checkpoint (renamed into place only when every rank has written)
-        meta.json                written last by rank 0: format, strategy, world size, step, adapter_only
-        state/                   the sharded state: a DCP directory (none/ddp/fsdp) or DeepSpeed's tag directory
-        extra/rank_00000.pt      each rank's ``extra`` (step, scheduler, RNG states, data position)
+    root/step_00000010/          a complete checkpoint (see ``encdec.distributed.ckpt_io`` for its insides)
     root/.tmp-step_00000020/     being written; never picked up by ``find_latest_checkpoint``
-    root/best.json               which step holds the best validation metric so far
+    root/best.json               which step holds the best validation metric so far (for people and tools: the
+                                 run itself keeps the best in memory and in each checkpoint's ``extra``)
 
-The strategies (``encdec.distributed``) write ``state/`` and ``extra/``; this module owns the rest.
+The atomic-directory, ``meta.json`` and per-rank ``extra`` helpers live below both this module and the
+strategies, in ``encdec.distributed.ckpt_io``; their names are re-exported here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from encdec.distributed.ckpt_io import (
+    META_FILE,
+    OLD_PREFIX,
+    TMP_PREFIX,
+    CheckpointError,
+    atomic_checkpoint_dir,
+    is_complete,
+    load_extra,
+    read_meta,
+    save_extra,
+    write_json,
+)
+
 if TYPE_CHECKING:
     from encdec.distributed.strategy import Strategy
 
 __all__ = [
+    "BEST_FILE",
     "META_FILE",
     "TMP_PREFIX",
     "CheckpointError",
@@ -45,109 +56,8 @@ __all__ = [
     "save_extra",
 ]
 
-META_FILE = "meta.json"
-TMP_PREFIX = ".tmp-"
-_OLD_PREFIX = ".old-"
+BEST_FILE = "best.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, or does not match what is being loaded into it."""
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_checkpoint_dir(
-    final: str | Path,
-    *,
-    rank: int,
-    barrier: Callable[[], None],
-    meta: Mapping[str, Any],
-) -> Iterator[Path]:
-    """Collective context that yields a temporary directory and renames it to ``final`` once all ranks are done.
-
-    Every rank enters it; rank 0 prepares ``<parent>/.tmp-<name>``, each rank writes its files there, then rank 0
-    writes ``meta.json`` (the completeness marker) and renames the directory into place. A crash at any point
-    leaves either the previous checkpoint or a ``.tmp-`` directory, which ``find_latest_checkpoint`` ignores.
-    The directory must be on storage every rank sees (a shared file system when ranks span nodes).
-
-    Args:
-        final: the checkpoint directory to produce.
-        rank: this process's rank.
-        barrier: waits for all ranks (a no-op in one process).
-        meta: JSON-serialisable description written to ``meta.json`` (``complete`` and ``time`` are added).
-    """
-    final = Path(final)
-    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
-    if rank == 0:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left over from a crash during an earlier save of the same step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    barrier()
-    yield tmp
-    barrier()  # every rank has finished writing its shard
-    if rank == 0:
-        _write_json(tmp / META_FILE, {**dict(meta), "complete": True, "time": time.time()})
-        old = final.parent / f"{_OLD_PREFIX}{final.name}"
-        if final.exists():  # re-saving a step (e.g. after resuming): keep the old one until the new one is in place
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        if old.exists():
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    part = path.with_name(path.name + ".part")
-    with open(part, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(part, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every file system lets a directory be opened for fsync
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------- reading
-def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
-    """The ``meta.json`` of a complete checkpoint.
-
-    Raises:
-        CheckpointError: the directory is missing or was never completed.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        raise CheckpointError(f"checkpoint directory {str(ckpt_dir)!r} does not exist")
-    if not is_complete(ckpt_dir):
-        raise CheckpointError(
-            f"checkpoint {str(ckpt_dir)!r} is incomplete (no {META_FILE} marked complete; it was being written when "
-            "the run stopped); resume from an earlier one, e.g. find_latest_checkpoint(<run_dir>/checkpoints)"
-        )
-    with open(ckpt_dir / META_FILE) as f:
-        return dict(json.load(f))
-
-
-def is_complete(ckpt_dir: str | Path) -> bool:
-    """True for a checkpoint directory that was renamed into place with a complete ``meta.json``."""
-    ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.name.startswith((TMP_PREFIX, _OLD_PREFIX)):
-        return False
-    try:
-        with open(ckpt_dir / META_FILE) as f:
-            return bool(json.load(f).get("complete", False))
-    except (OSError, ValueError):
-        return False
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -169,28 +79,15 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-# ---------------------------------------------------------------------------------------------- per-rank extra
-def save_extra(tmp_dir: Path, rank: int, extra: Mapping[str, Any]) -> None:
-    """Write this rank's ``extra`` into a checkpoint being written."""
-    (tmp_dir / "extra").mkdir(parents=True, exist_ok=True)
-    torch.save(dict(extra), tmp_dir / "extra" / f"rank_{rank:05d}.pt")
-
-
-def load_extra(ckpt_dir: str | Path, rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's ``extra`` when the world size is unchanged, rank 0's otherwise."""
-    ckpt_dir = Path(ckpt_dir)
-    saved_ws = int(read_meta(ckpt_dir).get("world_size", 1))
-    src = rank if saved_ws == world_size else 0
-    path = ckpt_dir / "extra" / f"rank_{src:05d}.pt"
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no {path.name} in extra/; it is damaged")
-    # written by this module (trusted): RNG states hold numpy arrays, which weights_only refuses
-    return dict(torch.load(path, map_location="cpu", weights_only=False))
-
-
 # ---------------------------------------------------------------------------------------------- manager
 class CheckpointManager:
     """Names, saves and prunes a run's checkpoints: the last ``keep_last`` plus the best by a validation metric.
+
+    Which checkpoint is the best is a collective decision (a best step is saved even off the ``ckpt_every``
+    grid), so it is taken from values every rank holds alike: the all-reduced validation metrics and the best so
+    far kept in memory (restored on resume from the checkpoint's own ``extra``). ``best.json`` is written by rank 0
+    for people and tools (``encdec-launch export``) and never read back by a running job: on a mounted bucket one
+    stale read would make the ranks disagree and hang in the save.
 
     Args:
         root: directory holding the checkpoints (``<run_dir>/checkpoints``).
@@ -211,6 +108,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.best_metric = best_metric
         self.best_mode = best_mode
+        self._best: dict[str, Any] | None = None
 
     def path_for(self, step: int) -> Path:
         """The directory of the checkpoint at optimizer step ``step``."""
@@ -220,17 +118,58 @@ class CheckpointManager:
         """The newest complete checkpoint."""
         return find_latest_checkpoint(self.root)
 
+    @property
+    def best_record(self) -> dict[str, Any] | None:
+        """``{"step", "metric", "value"}`` of the best checkpoint this run knows of (memory only; same on every
+        rank), or None."""
+        return dict(self._best) if self._best is not None else None
+
+    def best_info(self) -> dict[str, Any] | None:
+        """``{"step", "metric", "value"}`` of the best checkpoint: the in-memory record, else ``best.json`` (for
+        tools that open a finished run; a running job decides with :meth:`is_best`)."""
+        return self.best_record if self._best is not None else self._read_best_file()
+
     def best(self) -> Path | None:
-        """The complete checkpoint with the best ``best_metric`` so far."""
-        info = self._read_best()
+        """The complete checkpoint with the best ``best_metric`` so far (see :meth:`best_info`)."""
+        info = self.best_info()
         if info is None:
             return None
         path = self.path_for(int(info["step"]))
         return path if is_complete(path) else None
 
-    def best_info(self) -> dict[str, Any] | None:
-        """``{"step", "metric", "value"}`` of the best checkpoint, or None."""
-        return self._read_best()
+    def is_best(self, metrics: Mapping[str, float] | None) -> bool:
+        """Whether ``metrics`` (all-reduced validation metrics) improve on the best so far.
+
+        Uses only values that are the same on every rank, so every rank takes the same (collective) decision.
+        """
+        if self.best_metric is None or not metrics or self.best_metric not in metrics:
+            return False
+        value = float(metrics[self.best_metric])
+        if math.isnan(value):
+            return False
+        if self._best is None:
+            return True
+        best = float(self._best["value"])
+        return value > best if self.best_mode == "max" else value < best
+
+    def restore_best(self, extra: Mapping[str, Any], strategy: Strategy) -> dict[str, Any] | None:
+        """Take the best so far from a resumed checkpoint's ``extra`` (collective when it has none).
+
+        Checkpoints written before the best was kept in ``extra`` (round 1) have only ``best.json``: rank 0 reads
+        it and broadcasts it, so the ranks still start from one value.
+
+        Returns:
+            The restored record, or None.
+        """
+        if "best" in extra:
+            record = extra["best"]
+        else:
+            record = self._read_best_file() if strategy.rank == 0 else None
+            record = strategy.broadcast_object(record)
+        if record is not None and record.get("metric") != self.best_metric:
+            record = None  # the recipe now picks the best by another metric: start that record afresh
+        self._best = dict(record) if record is not None else None
+        return self.best_record
 
     def save(
         self, strategy: Strategy, step: int, extra: Mapping[str, Any], metrics: Mapping[str, float] | None = None
@@ -240,16 +179,21 @@ class CheckpointManager:
         Args:
             strategy: the set-up strategy.
             step: optimizer steps done.
-            extra: this rank's loop state (``step`` is added).
-            metrics: validation metrics of this step, for the best-checkpoint choice.
+            extra: this rank's loop state (``step`` and ``best`` are added).
+            metrics: all-reduced validation metrics of this step, for the best-checkpoint choice.
 
         Returns:
             The checkpoint directory.
         """
         path = self.path_for(step)
-        strategy.save(path, {**dict(extra), "step": int(step)})
+        best = self._best
+        if metrics is not None and self.best_metric is not None and self.is_best(metrics):
+            best = {"step": int(step), "metric": self.best_metric, "value": float(metrics[self.best_metric])}
+        strategy.save(path, {**dict(extra), "step": int(step), "best": best})
+        self._best = best
         if strategy.rank == 0:
-            self._update_best(step, metrics)
+            if best is not None:
+                write_json(self.root / BEST_FILE, best)
             self.prune()
         strategy.barrier()
         return path
@@ -260,7 +204,7 @@ class CheckpointManager:
         Call on one rank only.
         """
         found = list_checkpoints(self.root)
-        best = self._read_best()
+        best = self.best_info()
         best_step = int(best["step"]) if best is not None else None
         keep = {s for s, _ in found[-self.keep_last :]}
         removed = []
@@ -275,30 +219,20 @@ class CheckpointManager:
         removed = []
         if self.root.is_dir():
             for child in self.root.iterdir():
-                if child.is_dir() and child.name.startswith((TMP_PREFIX, _OLD_PREFIX)):
+                if child.is_dir() and child.name.startswith((TMP_PREFIX, OLD_PREFIX)):
                     shutil.rmtree(child, ignore_errors=True)
                     removed.append(child)
         return removed
 
-    def _read_best(self) -> dict[str, Any] | None:
+    def _read_best_file(self) -> dict[str, Any] | None:
         try:
-            with open(self.root / "best.json") as f:
-                return dict(json.load(f))
+            with open(self.root / BEST_FILE) as f:
+                record = json.load(f)
         except (OSError, ValueError):
             return None
-
-    def _update_best(self, step: int, metrics: Mapping[str, float] | None) -> None:
-        if self.best_metric is None or not metrics or self.best_metric not in metrics:
-            return
-        value = float(metrics[self.best_metric])
-        if math.isnan(value):
-            return
-        current = self._read_best()
-        if current is not None and is_complete(self.path_for(int(current["step"]))):
-            better = value > current["value"] if self.best_mode == "max" else value < current["value"]
-            if not better:
-                return
-        _write_json(self.root / "best.json", {"step": int(step), "metric": self.best_metric, "value": value})
+        if not isinstance(record, dict) or not {"step", "metric", "value"} <= set(record):
+            return None
+        return dict(record)
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -19,14 +19,14 @@ Build order (each step needs the previous one):
 Loss normalisation: the loss of a global step is the mean over every valid target of the global batch, however
 it is split across ranks and micro-batches (``encdec.train.losses``). Before the first backward of a step the
 ranks all-reduce the step's normalisers (one small collective, which also carries the stop request); each
-micro-batch then backpropagates ``sum / global_normaliser``, rescaled for the strategy's averaging.
+micro-batch then backpropagates ``sum / global_normaliser`` as it is: the strategies neither divide by
+``grad_accum`` nor average over ranks (``Strategy.backward``), so the gradients add up to the global batch's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -35,15 +35,13 @@ from typing import Any
 
 import torch
 
+from encdec.config import DataSection, LossSection, ModelSection, OptimSection, TrainSection
 from encdec.train.loop_parts import (
-    LoopConfig,
     capture_rng,
     evaluate,
-    freeze,
-    load_init_from,
-    load_pretrained_weights,
     restore_rng,
     seed_everything,
+    strategy_options,
     to_device,
 )
 
@@ -55,11 +53,11 @@ LOG = logging.getLogger("encdec.train")
 def train(
     *,
     task: str,
-    model: Mapping[str, Any],
-    loss: Mapping[str, Any],
-    data: Mapping[str, Any],
-    optim: Mapping[str, Any],
-    train: Mapping[str, Any],
+    model: ModelSection,
+    loss: LossSection,
+    data: DataSection,
+    optim: OptimSection,
+    train: TrainSection,
     seed: int,
     run_dir: str,
     resume: str | None = None,
@@ -75,7 +73,7 @@ def train(
         loss: the ``loss:`` section (``encdec.train.losses``).
         data: the ``data:`` section (``encdec.data.build_iterator``).
         optim: the ``optim:`` section (``encdec.train.optim``; ``grad_clip``, ``grad_accum``).
-        train: the ``train:`` section (``encdec.train.loop_parts.LoopConfig``).
+        train: the ``train:`` section (length, precision, strategy, intervals, freezing).
         seed: run seed (model init, data order, augmentation).
         run_dir: this run's directory (shared by all ranks); checkpoints go to ``<run_dir>/checkpoints`` and rank
             0 appends every report to ``<run_dir>/metrics.jsonl``.
@@ -93,27 +91,28 @@ def train(
 
     from encdec.data import build_iterator
     from encdec.distributed import init_process_group, make_strategy
-    from encdec.models import build_model
-    from encdec.models.peft import check_trainable
+    from encdec.models.peft import parameter_report
+    from encdec.train.build import build_run_model
     from encdec.train.checkpoint import CheckpointManager
     from encdec.train.losses import build_loss
     from encdec.train.metrics import all_reduce_sum
-    from encdec.train.optim import check_optim_cfg, lr_at, set_lr
-    from encdec.train.precision import pin_fp32_matmuls, resolve_precision, store_for_autocast
+    from encdec.train.optim import lr_at, set_lr
+    from encdec.train.precision import gpu_has_bf16, pin_fp32_matmuls, resolve_precision
 
-    cfg = LoopConfig.from_section(train)
-    check_optim_cfg(optim)
-    grad_accum = int(optim.get("grad_accum", 1))
-    max_norm = optim.get("grad_clip")
+    cfg = train
+    grad_accum = optim.grad_accum
+    max_norm = optim.grad_clip
     loss_fn = build_loss(task, loss)  # before anything heavy: a bad loss section fails in a second
     run_path = Path(run_dir)
 
     # -- process group and strategy -----------------------------------------------------------------------
-    init_process_group()
+    init_process_group(timeout_s=train.pg_timeout_s)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    strategy = make_strategy(cfg.strategy, **cfg.strategy_options(model, data, grad_accum, world))
+    strategy = make_strategy(cfg.strategy, **strategy_options(
+        cfg, peft=model.peft_config is not None, global_batch_size=data.global_batch_size, grad_accum=grad_accum,
+        world_size=world))
     rank, world = strategy.rank, strategy.world_size
-    precision = resolve_precision(cfg.precision, strategy.device)
+    precision = resolve_precision(cfg.precision, strategy.device, gpu_bf16=gpu_has_bf16(strategy.device))
     lowered = pin_fp32_matmuls(precision)
     if lowered and rank == 0:
         LOG.warning("fp32 matmul precision was %r (set by an import); reset to 'highest' for precision fp32", lowered)
@@ -125,24 +124,18 @@ def train(
     if init_from and not use_init and rank == 0:
         LOG.info("init_from=%s ignored: resuming from %s, whose weights win", init_from, resume_from)
 
-    # -- 1-4. build, load pretrained, (split qkv + PEFT inside build_model), init_from --------------------------
+    # -- 1-5. build, load pretrained, (split qkv + PEFT inside build_model), init_from, trainable set -----------
     seed_everything(seed)
     with strategy.build_context():  # the meta device on ranks whose shards setup() fills from rank 0
-        net = build_model(task, **model)
-    if not strategy.meta_build:
-        load_pretrained_weights(net)
-        if use_init:
-            load_init_from(net, str(init_from))
-            if rank == 0:
-                LOG.info("initialised from %s%s", init_from, " (frozen weights; the rest from the checkpoint)"
-                         if resume_from is not None else "")
-    # -- 5. trainable set -----------------------------------------------------------------------------------
-    trainable, total = freeze(net, freeze_backbone=cfg.freeze_backbone, freeze_decoder=cfg.freeze_decoder)
-    check_trainable(net)
-    # -- 6. precision storage: frozen weights never change, so keep them in the compute dtype once (under
-    # autocast; FSDP2's mixed-precision policy and DeepSpeed's bf16 mode manage parameter dtypes themselves)
-    if cfg.strategy in ("none", "ddp"):
-        store_for_autocast(net, precision)
+        net = build_run_model(task, model, cfg, weights=not strategy.meta_build,
+                              init_from=str(init_from) if use_init else None)
+    if use_init and not strategy.meta_build and rank == 0:
+        LOG.info("initialised from %s%s", init_from, " (frozen weights; the rest from the checkpoint)"
+                 if resume_from is not None else "")
+    trainable, total = parameter_report(net)["total"]
+    # -- 6. precision storage: frozen weights never change, so the strategy may store them in the compute dtype
+    # once (none/ddp under autocast; FSDP2's mixed-precision policy and DeepSpeed's bf16 mode do it themselves)
+    strategy.store_frozen_weights(net, precision)
     # -- 8. compile each sharding unit in place (names and state-dict keys stay the same) ---------------------
     if cfg.compile:
         for unit in net.sharding_units():  # type: ignore[operator]
@@ -157,10 +150,10 @@ def train(
     # -- data, checkpoints, resume ------------------------------------------------------------------------------
     train_iter = build_iterator(data, split="train", rank=rank, world_size=world, grad_accum=grad_accum, seed=seed)
     val_iter = (build_iterator(data, split="val", rank=rank, world_size=world, grad_accum=1, seed=seed)
-                if data.get("val") and cfg.val_every else None)
-    max_steps = cfg.max_steps or cfg.epochs * train_iter.steps_per_epoch
+                if data.val is not None and cfg.val_every else None)
+    max_steps = cfg.max_steps or (cfg.epochs or 1) * train_iter.steps_per_epoch
     ckpts = CheckpointManager(run_path / "checkpoints", keep_last=cfg.keep_last,
-                              best_metric=cfg.best_metric(task), best_mode=cfg.best_mode(task))
+                              best_metric=cfg.best_metric_for(task), best_mode=cfg.best_mode_for(task))
     step = 0
     if rank == 0:
         ckpts.cleanup_partial()
@@ -168,6 +161,7 @@ def train(
         extra = strategy.load(resume_from)
         step = int(extra["step"])
         train_iter.load_state_dict(extra["data"])
+        ckpts.restore_best(extra, strategy)  # the best so far, from the checkpoint itself (not best.json)
         restore_rng(extra.get("rng"), same_world=extra.get("world_size") == world, seed=seed, rank=rank, step=step)
         if rank == 0:
             LOG.info("resumed from %s at step %d", resume_from, step)
@@ -214,8 +208,7 @@ def train(
                 with strategy.autocast():
                     out = strategy.model(batch["image"], **_encoder_kwargs(batch))
                 part = loss_fn.combine(loss_fn.sums(out, batch), norms)
-                # the strategy divides by grad_accum and averages over ranks; undo both so gradients add up
-                strategy.backward(part * (grad_accum * world))
+                strategy.backward(part)  # already normalised for the global batch: no strategy rescales it
             step_loss += part.detach().double().cpu()
         grad_norm = strategy.step(max_norm)
         step += 1
@@ -231,7 +224,7 @@ def train(
                 "train/loss": loss_sum / window.steps,
                 "train/lr": lr_at(step - 1, optim, max_steps),
                 "train/grad_norm": grad_norm,
-                "train/tiles_per_s": window.steps * int(data["global_batch_size"]) / elapsed,
+                "train/tiles_per_s": window.steps * data.global_batch_size / elapsed,
                 "train/data_wait_pct": 100.0 * window.wait / elapsed,
                 "train/step_time_s": elapsed / window.steps,
             }
@@ -243,12 +236,13 @@ def train(
 
         val: dict[str, float] = {}
         if val_iter is not None and (step % cfg.val_every == 0 or step == max_steps):
-            val = evaluate(strategy, val_iter, loss_fn, task=task, num_classes=model.get("num_classes"),
-                           data_cfg=data)
+            val = evaluate(strategy, val_iter, loss_fn, task=task, num_classes=model.num_classes, data=data)
             last = {**last, **val, "step": step}
             if rank == 0:
                 LOG.info("step %d val %s", step, {k: round(v, 5) for k, v in val.items() if not k.startswith("val/IoU_")})
-        is_best = bool(val) and ckpts.best_metric in val and _improves(val[ckpts.best_metric], ckpts)
+        # a collective decision (a best step is saved off the ckpt_every grid): from the all-reduced metrics and
+        # the in-memory best, the same on every rank; never from best.json, which a rank may read stale
+        is_best = ckpts.is_best(val)
         if step % cfg.ckpt_every == 0 or step == max_steps or is_best:
             last_ckpt = save(val or None)
             emit({**last, "checkpoint": str(last_ckpt)}, last_ckpt)
@@ -261,10 +255,9 @@ def train(
     train_iter.close()
     if val_iter is not None:
         val_iter.close()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    strategy.barrier()
     return {**last, "step": step, "checkpoint": str(last_ckpt) if last_ckpt else None, "stopped": stopped,
-            "best": ckpts.best_info()}
+            "best": ckpts.best_record}
 
 
 @dataclass
@@ -304,12 +297,3 @@ def _adapter_only(ckpt: Path) -> bool:
 def _encoder_kwargs(batch: Mapping[str, Any]) -> dict[str, Any]:
     """Coordinates the data carries go to encoders that take them (Prithvi ``_tl``)."""
     return {k: batch[k] for k in ("temporal_coords", "location_coords") if k in batch}
-
-
-def _improves(value: float, ckpts: Any) -> bool:
-    best = ckpts.best_info()
-    if math.isnan(value):
-        return False
-    if best is None:
-        return True
-    return value > best["value"] if ckpts.best_mode == "max" else value < best["value"]

@@ -1,143 +1,49 @@
-"""The pieces ``encdec.train.loop.train`` is assembled from: the ``train:`` section, seeding and RNG state,
-the trainable set, device placement and validation in lock-step across ranks."""
+"""The pieces ``encdec.train.loop.train`` is assembled from: strategy options, seeding and RNG state, device
+placement and validation in lock-step across ranks. (The model is built by ``encdec.train.build``.)"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+
+from encdec.config import DataSection, TrainSection
 
 __all__ = [
-    "LoopConfig",
-    "LoopConfigError",
     "capture_rng",
     "evaluate",
-    "freeze",
-    "load_init_from",
-    "load_pretrained_weights",
     "restore_rng",
     "seed_everything",
+    "strategy_options",
     "to_device",
 ]
 
-# keys of the train section read elsewhere (the launcher); accepted here so one section serves both
-_LAUNCHER_KEYS = {"max_failures"}
-_BEST_DEFAULTS = {
-    "segmentation": ("val/mIoU", "max"),
-    "classification": ("val/accuracy", "max"),
-    "regression": ("val/rmse", "min"),
-    "scalar_regression": ("val/rmse", "min"),
-}
+def strategy_options(train: TrainSection, *, peft: bool, global_batch_size: int, grad_accum: int,
+                     world_size: int) -> dict[str, Any]:
+    """Constructor options for ``make_strategy(train.strategy, ...)``.
 
-
-class LoopConfigError(ValueError):
-    """The ``train:`` section is invalid."""
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The recipe's ``train:`` section as the loop reads it.
-
-    Attributes:
-        max_steps: optimizer steps to train (wins over ``epochs``).
-        epochs: epochs to train when ``max_steps`` is not given (an epoch = the data's ``steps_per_epoch``).
-        precision: ``auto`` | ``bf16`` | ``fp16`` | ``fp32``.
-        strategy: ``none`` | ``ddp`` | ``fsdp`` | ``deepspeed``.
-        zero_stage: DeepSpeed ZeRO stage (2 or 3).
-        activation_checkpointing: recompute each block's activations in backward.
-        compile: ``torch.compile`` each sharding unit (encoder blocks, decoder).
-        val_every: validate every this many steps and after the last one (0: never; needs ``data.val``).
-        ckpt_every: checkpoint every this many steps (the last step always checkpoints).
-        keep_last: checkpoints kept besides the best.
-        log_every: report training metrics every this many steps.
-        freeze_backbone: freeze the encoder (PEFT adapters stay trainable).
-        freeze_decoder: freeze the decoder.
-        best_metric: validation metric that picks the best checkpoint (default per task: ``val/mIoU``,
-            ``val/accuracy`` or ``val/rmse``).
-        best_mode: ``max`` or ``min`` for ``best_metric``.
-        adapter_only: checkpoints hold only trainable parameters (default: True for PEFT runs, whose frozen
-            base is rebuilt from the pretrained weights and the seed on resume).
-        reshard_after_forward: FSDP only: free gathered weights after each unit's forward (least memory).
-        build_on_rank0: FSDP only: rank 0 builds the model (and loads its weights), other ranks build it on the
-            meta device and receive their shards from rank 0 at set-up (least host memory per rank).
+    Args:
+        train: the ``train:`` section.
+        peft: whether the model has PEFT adapters (checkpoints then hold only trainable parameters by default).
+        global_batch_size: ``data.global_batch_size`` (DeepSpeed needs the per-rank micro-batch).
+        grad_accum: ``optim.grad_accum``.
+        world_size: the number of ranks.
     """
+    from encdec.train.optim import build_optimizer
 
-    max_steps: int | None = None
-    epochs: int | None = None
-    precision: str = "auto"
-    strategy: str = "none"
-    zero_stage: int = 3
-    activation_checkpointing: bool = False
-    compile: bool = False
-    val_every: int = 0
-    ckpt_every: int = 500
-    keep_last: int = 3
-    log_every: int = 10
-    freeze_backbone: bool = False
-    freeze_decoder: bool = False
-    best_metric_name: str | None = None
-    best_mode_name: str | None = None
-    adapter_only: bool | None = None
-    reshard_after_forward: bool = True
-    build_on_rank0: bool = True
-
-    @classmethod
-    def from_section(cls, section: Mapping[str, Any]) -> LoopConfig:
-        """Parse and check the ``train:`` section.
-
-        Raises:
-            LoopConfigError: unknown key or impossible value, naming the key.
-        """
-        renamed = {"best_metric": "best_metric_name", "best_mode": "best_mode_name"}
-        known = {f.name for f in fields(cls)} - set(renamed.values()) | set(renamed) | _LAUNCHER_KEYS
-        unknown = sorted(set(section) - known)
-        if unknown:
-            raise LoopConfigError(f"train section has unknown keys {unknown}; allowed: {sorted(known)}")
-        kwargs = {renamed.get(k, k): v for k, v in section.items() if k not in _LAUNCHER_KEYS}
-        cfg = cls(**kwargs)
-        if not cfg.max_steps and not cfg.epochs:
-            raise LoopConfigError("train needs max_steps (optimizer steps) or epochs; set e.g. train.max_steps: 1000")
-        for key in ("max_steps", "epochs", "val_every", "ckpt_every", "keep_last", "log_every"):
-            value = getattr(cfg, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise LoopConfigError(f"train.{key} must be an integer >= 0, got {value!r}")
-        for key in ("ckpt_every", "log_every", "keep_last"):
-            if getattr(cfg, key) == 0:
-                raise LoopConfigError(f"train.{key} must be >= 1, got 0")
-        if cfg.zero_stage not in (2, 3):
-            raise LoopConfigError(f"train.zero_stage must be 2 or 3, got {cfg.zero_stage!r}")
-        if cfg.best_mode_name not in (None, "max", "min"):
-            raise LoopConfigError(f"train.best_mode must be 'max' or 'min', got {cfg.best_mode_name!r}")
-        return cfg
-
-    def best_metric(self, task: str) -> str:
-        """The metric that picks the best checkpoint."""
-        return self.best_metric_name or _BEST_DEFAULTS[task][0]
-
-    def best_mode(self, task: str) -> str:
-        """``max`` or ``min`` for :meth:`best_metric` (errors and losses are minimised)."""
-        if self.best_mode_name:
-            return self.best_mode_name
-        metric = self.best_metric(task)
-        return "min" if any(word in metric for word in ("loss", "rmse", "mae")) else "max"
-
-    def strategy_options(self, model_section: Mapping[str, Any], data_section: Mapping[str, Any],
-                         grad_accum: int, world_size: int) -> dict[str, Any]:
-        """Constructor options for ``make_strategy(self.strategy, ...)``."""
-        adapter_only = self.adapter_only if self.adapter_only is not None else model_section.get("peft_config") is not None
-        opts: dict[str, Any] = {"adapter_only": bool(adapter_only)}
-        if self.strategy == "fsdp":
-            opts["reshard_after_forward"] = self.reshard_after_forward
-            opts["build_on_rank0"] = self.build_on_rank0
-        if self.strategy == "deepspeed":
-            opts["zero_stage"] = self.zero_stage
-            opts["micro_batch"] = int(data_section["global_batch_size"]) // (world_size * grad_accum)
-        return opts
+    adapter_only = train.adapter_only if train.adapter_only is not None else peft
+    opts: dict[str, Any] = {"adapter_only": bool(adapter_only), "optimizer_factory": build_optimizer,
+                            "pg_timeout_s": float(train.pg_timeout_s)}
+    if train.strategy == "fsdp":
+        opts["reshard_after_forward"] = train.reshard_after_forward
+        opts["build_on_rank0"] = train.build_on_rank0
+    if train.strategy == "deepspeed":
+        opts["zero_stage"] = train.zero_stage
+        opts["micro_batch"] = global_batch_size // (world_size * grad_accum)
+    return opts
 
 
 # ---------------------------------------------------------------------------------------------- randomness
@@ -171,75 +77,22 @@ def restore_rng(state: Mapping[str, Any] | None, *, same_world: bool, seed: int,
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ---------------------------------------------------------------------------------------------- the model
-def load_pretrained_weights(net: nn.Module) -> list[str]:
-    """Load pretrained backbone weights still pending (encoders built on the meta device keep their source;
-    built on a real device they loaded at construction). Returns what was loaded."""
-    from encdec.models.backbones.prithvi_load import load_pretrained
-
-    return load_pretrained(net)
-
-
-def load_init_from(net: nn.Module, path: str) -> None:
-    """Load a TerraTorch (Lightning ``.ckpt``) checkpoint or a plain state-dict file into the built model.
-
-    Called after the build, the pretrained load and PEFT (TerraTorch's key names are mapped onto the PEFT-wrapped
-    layout), before the trainable set and sharding.
-
-    Raises:
-        encdec.models.terratorch_ckpt.CheckpointReadError: missing or unreadable file, or no weights in it.
-        encdec.models.terratorch_ckpt.CheckpointMismatch: the checkpoint's keys or shapes do not fit the model.
-    """
-    from encdec.models.terratorch_ckpt import load_terratorch_weights, read_checkpoint
-
-    load_terratorch_weights(net, read_checkpoint(path))
-
-
-def _is_peft(module: nn.Module) -> bool:
-    return any(hasattr(m, "peft_config") for m in module.modules())
-
-
-def freeze(net: nn.Module, *, freeze_backbone: bool, freeze_decoder: bool) -> tuple[int, int]:
-    """Set the trainable set and return ``(trainable, total)`` parameter counts.
-
-    Freezing a PEFT-wrapped backbone leaves it as PEFT set it (base frozen, adapters trainable): freezing it
-    wholesale would silently freeze the adapters too.
-
-    Raises:
-        LoopConfigError: nothing is left to train.
-    """
-    encoder = getattr(net, "encoder", None)
-    if freeze_backbone and encoder is not None and not _is_peft(encoder):
-        encoder.requires_grad_(False)
-    if freeze_decoder and getattr(net, "decoder", None) is not None:
-        net.decoder.requires_grad_(False)
-    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in net.parameters())
-    if trainable == 0:
-        raise LoopConfigError(
-            "no parameter is trainable after train.freeze_backbone/freeze_decoder; unfreeze something "
-            "(or give model.peft_config so adapters are trained)"
-        )
-    return trainable, total
-
-
+# ---------------------------------------------------------------------------------------------- batches
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     """Move a batch's tensors to ``device`` (no copy on the CPU)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------- validation
-def _placeholder(data_cfg: Mapping[str, Any]) -> dict[str, Any]:
+def _placeholder(data: DataSection) -> dict[str, Any]:
     """A one-sample input of the recipe's shape, for a rank that has no validation batch at all."""
-    channels = len(data_cfg.get("bands") or data_cfg.get("means") or [0] * 6)
-    size = int(data_cfg.get("img_size", 224))
-    frames = int(data_cfg.get("num_frames", 1))
+    channels, size, frames = len(data.bands), data.img_size, data.num_frames
     shape = (1, channels, size, size) if frames == 1 else (1, channels, frames, size, size)
     return {"image": torch.zeros(shape)}
 
 
 def evaluate(strategy: Any, val_iter: Any, loss_fn: Any, *, task: str, num_classes: int | None,
-             data_cfg: Mapping[str, Any]) -> dict[str, float]:
+             data: DataSection) -> dict[str, float]:
     """One pass over the validation split on every rank; metrics from all-reduced counts.
 
     Ranks run forward in lock-step: sharded models (FSDP2, ZeRO-3) gather weights inside forward, so a rank
@@ -265,7 +118,7 @@ def evaluate(strategy: Any, val_iter: Any, loss_fn: Any, *, task: str, num_class
                 if int(all_reduce_sum(torch.tensor([0.0 if raw is None else 1.0], dtype=torch.float64))) == 0:
                     break
                 if raw is None:
-                    spare = spare or to_device(_placeholder(data_cfg), strategy.device)
+                    spare = spare or to_device(_placeholder(data), strategy.device)
                     with strategy.autocast():
                         module(spare["image"])
                     continue

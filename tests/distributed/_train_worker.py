@@ -122,9 +122,10 @@ def train_run(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
     checkpoint in the same processes after finishing), activation_checkpointing, export (safetensors path).
     """
     from encdec.distributed import make_strategy
+    from encdec.train.optim import build_optimizer
 
     def one_run(resume: str | None) -> dict[str, Any]:
-        strategy = make_strategy(spec["strategy"], **spec.get("opts", {}))
+        strategy = make_strategy(spec["strategy"], optimizer_factory=build_optimizer, **spec.get("opts", {}))
         model = make_model(spec["model"], spec.get("seed", 0))
         accum = spec.get("grad_accum", 1)
         optim = {**OPTIM, **spec.get("optim", {})}
@@ -150,7 +151,9 @@ def train_run(rank: int, world: int, spec: dict[str, Any]) -> dict[str, Any]:
                 with strategy.no_sync(is_last_micro=m == accum - 1), strategy.autocast():
                     out = strategy.model(x).output
                     loss = F.cross_entropy(out.float(), y.to(strategy.device))
-                strategy.backward(loss)
+                # each rank's micro-batch mean, normalised for the global batch (equal-sized parts): the
+                # strategies sum what backward receives over micro-batches and ranks
+                strategy.backward(loss / (accum * world))
                 total += loss.detach().float().cpu()
             norms.append(strategy.step(max_norm=optim["grad_clip"]))
             mean = total / accum

@@ -13,6 +13,7 @@ from encdec.distributed import make_strategy
 from encdec.models import build_model
 from encdec.models.export import merge_and_export
 from encdec.train.checkpoint import export_consolidated
+from encdec.train.optim import build_optimizer
 
 OFT = {"method": "OFT", "replace_qkv": "qkv",
        "peft_config_kwargs": {"target_modules": ["qkv.q_linear", "qkv.v_linear"], "r": 0, "oft_block_size": 16}}
@@ -38,7 +39,7 @@ def test_meta_factory_export_of_oft_equals_direct_merge(tmp_path: Path) -> None:
         for name, p in net.named_parameters():
             if "oft_" in name:
                 p.normal_(0.0, 0.05)
-    strategy = make_strategy("none", device="cpu")
+    strategy = make_strategy("none", device="cpu", optimizer_factory=build_optimizer)
     strategy.setup(net, {"name": "adamw", "lr": 1e-3}, precision="fp32", grad_accum=1, activation_checkpointing=False)
     out = export_consolidated(strategy, tmp_path / "model.safetensors", model_factory=_meta_build)
     assert out is not None

@@ -124,10 +124,11 @@ def test_adapter_only_checkpoint_holds_only_trainable_state(tmp_path: Path) -> N
     from _train_worker import OPTIM
 
     from encdec.distributed import make_strategy
+    from encdec.train.optim import build_optimizer
 
     full, adapters = tmp_path / "full", tmp_path / "adapters"
     for path, adapter_only in ((full, False), (adapters, True)):
-        strategy = make_strategy("none", adapter_only=adapter_only)
+        strategy = make_strategy("none", adapter_only=adapter_only, optimizer_factory=build_optimizer)
         strategy.setup(make_model("vit_lora"), OPTIM, precision="fp32", grad_accum=1, activation_checkpointing=False)
         strategy.save(path, {"step": 0})
     trainable = set(strategy.trainable_names())

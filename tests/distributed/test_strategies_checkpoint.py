@@ -23,6 +23,7 @@ from encdec.train.checkpoint import (
     list_checkpoints,
     read_meta,
 )
+from encdec.train.optim import build_optimizer
 
 OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}
 
@@ -30,7 +31,7 @@ OPTIM = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.0}
 def _strategy(seed: int = 0, **opts: object):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 2))
-    strategy = make_strategy("none", **opts)
+    strategy = make_strategy("none", optimizer_factory=build_optimizer, **opts)
     strategy.setup(model, OPTIM, precision="fp32", grad_accum=1, activation_checkpointing=False)
     return strategy
 
@@ -132,7 +133,10 @@ def test_resume_into_other_dcp_strategies_and_bad_inputs(tmp_path: Path) -> None
         make_strategy("deepspeed", zero_stage=1)
     with pytest.raises(StrategyError, match="unsupported option"):
         make_strategy("ddp", zero_stage=3)
-    fresh = make_strategy("none")
+    with pytest.raises(StrategyError, match="optimizer_factory"):
+        make_strategy("none").setup(nn.Linear(2, 2), OPTIM, precision="fp32", grad_accum=1,
+                                    activation_checkpointing=False)
+    fresh = make_strategy("none", optimizer_factory=build_optimizer)
     with pytest.raises(StrategyError, match="auto"):
         fresh.setup(nn.Linear(2, 2), OPTIM, precision="auto", grad_accum=1, activation_checkpointing=False)
     frozen = nn.Linear(2, 2).requires_grad_(False)
@@ -142,5 +146,5 @@ def test_resume_into_other_dcp_strategies_and_bad_inputs(tmp_path: Path) -> None
         _ = make_strategy("none").optimizer
     # DDP/FSDP without a process group say how to get one
     with pytest.raises(StrategyError, match="init_process_group"):
-        make_strategy("fsdp").setup(nn.Linear(2, 2), OPTIM, precision="fp32", grad_accum=1,
+        make_strategy("fsdp", optimizer_factory=build_optimizer).setup(nn.Linear(2, 2), OPTIM, precision="fp32", grad_accum=1,
                                     activation_checkpointing=False)

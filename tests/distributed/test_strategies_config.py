@@ -135,13 +135,14 @@ class _Blocks(nn.Module):
 def _zero3_fp32_run(rank: int, world: int, ckpt: str) -> dict[str, object]:
     """ZeRO-3 fp32 next to strategy 'none': shared master storage, same steps, same checkpoint continuation."""
     from encdec.distributed import make_strategy
+    from encdec.train.optim import build_optimizer
 
     optim = {"name": "adamw", "lr": 1e-2, "weight_decay": 0.05, "grad_clip": 1.0}
 
     def build(name: str, seed: int):
         torch.manual_seed(seed)
         opts = {"zero_stage": 3, "micro_batch": 8} if name == "deepspeed" else {}
-        strategy = make_strategy(name, **opts)
+        strategy = make_strategy(name, optimizer_factory=build_optimizer, **opts)
         strategy.setup(_Blocks(), optim, precision="fp32", grad_accum=1, activation_checkpointing=False)
         return strategy
 
