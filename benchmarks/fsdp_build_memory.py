@@ -34,7 +34,9 @@ def measure(rank: int, world: int, backbone: str, img_size: int, build_on_rank0:
     from encdec.train.loop_parts import freeze, seed_everything
 
     before = _status("VmRSS")
-    strategy = make_strategy("fsdp", build_on_rank0=build_on_rank0)
+    from encdec.train.optim import build_optimizer
+
+    strategy = make_strategy("fsdp", build_on_rank0=build_on_rank0, optimizer_factory=build_optimizer)
     seed_everything(0)
     with strategy.build_context():
         net = build_model("segmentation", backbone=backbone, backbone_pretrained=False, backbone_img_size=img_size,

@@ -125,7 +125,9 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     rss_built = RssSampler()._rss()
-    strategy = make_strategy(name, **opts)
+    from encdec.train.optim import build_optimizer
+
+    strategy = make_strategy(name, optimizer_factory=build_optimizer, **opts)
     strategy.setup(
         model,
         {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "grad_clip": 1.0},
@@ -147,7 +149,7 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
             loss = F.cross_entropy(strategy.model(x).output.float(), y)
         if rss is not None:
             rss.mark("forward")
-        strategy.backward(loss)
+        strategy.backward(loss / strategy.world_size)  # normalised for the global batch, as the loop does
         if rss is not None:
             rss.mark("backward")
         strategy.step(max_norm=1.0)

@@ -90,15 +90,15 @@ def _encdec_step(precision: str, option: str) -> tuple[Any, int, int]:
     from encdec import build_model
     from encdec.distributed import make_strategy
     from encdec.train.losses import build_loss
-    from encdec.train.precision import store_for_autocast
+    from encdec.train.optim import build_optimizer
 
     torch.manual_seed(0)
     model = build_model("segmentation", **MODEL_ARGS)
-    store_for_autocast(model, precision)  # as the loop does for strategies none/ddp
+    strategy = make_strategy("none", optimizer_factory=build_optimizer)
+    strategy.store_frozen_weights(model, precision)  # as the loop does (none/ddp: frozen weights in bf16 once)
     if option == "compile":
         for unit in model.sharding_units():
             unit.compile()
-    strategy = make_strategy("none")
     strategy.setup(model, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05}, precision=precision, grad_accum=1,
                    activation_checkpointing=option == "ac")
     loss_fn = build_loss("segmentation", {"name": "ce", "ignore_index": -1})

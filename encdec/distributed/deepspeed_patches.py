@@ -112,7 +112,7 @@ def universal_checkpoint_loading(engine: Any, enabled: bool) -> Iterator[None]:
     from encdec.distributed.ckpt_io import CheckpointError
 
     version = deepspeed_version()
-    config = getattr(engine, "_config", None)
+    config: Any = getattr(engine, "_config", None)
     if not _in_tested_range(version) or not hasattr(config, "load_universal_checkpoint"):
         raise CheckpointError(
             f"resuming a DeepSpeed checkpoint at another world size or ZeRO stage switches DeepSpeed's private "
