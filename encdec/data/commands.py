@@ -76,8 +76,10 @@ def stats(argv: list[str]) -> int:
     from encdec.data.sources import list_samples
 
     is_manifest = args.tiles.lower().endswith((".csv", ".parquet", ".pq"))
-    spec = DataSource(tiles=None if is_manifest else args.tiles, manifest=args.tiles if is_manifest else None,
-                      image_suffix=args.image_suffix, mask_suffix=args.mask_suffix, split=args.split)
+    spec = DataSource.model_validate({"tiles": None if is_manifest else args.tiles,
+                                      "manifest": args.tiles if is_manifest else None,
+                                      "image_suffix": args.image_suffix, "mask_suffix": args.mask_suffix,
+                                      "split": args.split})
     try:
         samples = list_samples(spec, img_size=0, where="stats", split=None)
     except DataConfigError as e:

@@ -268,8 +268,8 @@ def list_samples(spec: DataSource, *, img_size: int, where: str, split: str | No
     if spec.scenes:
         from encdec.data.chips import chip_scenes
 
-        scenes = list_tiles(DataSource(tiles=list(spec.scene_paths), image_suffix=spec.image_suffix,
-                                       mask_suffix=spec.mask_suffix), where)
+        scenes = list_tiles(DataSource.model_validate({"tiles": list(spec.scene_paths), "image_suffix": spec.image_suffix,
+                                                       "mask_suffix": spec.mask_suffix}), where)
         return chip_scenes(scenes, img_size=img_size, stride=spec.stride or img_size)
     return list_tiles(spec, where)
 

@@ -216,7 +216,9 @@ def build_meta_model(recipe: Recipe) -> nn.Module:
         raise recipe.error(issues)
     try:
         # plain LoRA is planned without importing peft (and transformers, ~4 s): see encdec.models.peft.standin
-        return build_run_model(recipe.task, recipe.model.without_pretrained(), recipe.train, device="meta",
+        # train=None: the plan counts as before (train.freeze_* not applied; the activation trace assumes the
+        # encoder trains, the upper bound)
+        return build_run_model(recipe.task, recipe.model.without_pretrained(), None, device="meta",
                                adapters="standin")
     except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as err:
         raise recipe.error([
@@ -454,8 +456,8 @@ def make_plan(recipe: Recipe) -> Plan:
     per_unit = [int(u * scale) for u in trace.per_unit]
     inputs = [int(i * scale) for i in trace.unit_inputs]
     act_ckpt = act - sum(per_unit) + sum(inputs) + (max(per_unit) if per_unit else 0)
-    total = sum(p.total for p in parts)
-    trainable = sum(p.trainable for p in parts)
+    total = sum(p.total for p in parts.values())
+    trainable = sum(p.trainable for p in parts.values())
     unit_sizes = [(sum(p.numel() for p in u.parameters()), sum(p.numel() for p in u.parameters() if p.requires_grad))
                   for u in units] or [(0, 0)]
     unit_params, unit_trainable = max(unit_sizes)

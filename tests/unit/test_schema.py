@@ -252,3 +252,12 @@ def test_new_option_typos_get_did_you_mean() -> None:
     for wrong, right in (("fuse", "fused"), ("nesterow", "nesterov"), ("dice_wieght", "dice_weight"),
                          ("log_evry", "log_every")):
         assert f"Did you mean '{right}'" in text, wrong
+
+
+def test_round1_run_recipes_still_load() -> None:
+    """A run directory written before the typed config (tests/unit/fixtures/round1_run, made by commit 00ab3bc)
+    keeps a recipe.yaml that loads, with the fields added since at their defaults."""
+    for run in ("lora", "full"):
+        recipe = load_recipe(Path(__file__).parent / "fixtures" / "round1_run" / run / "recipe.yaml")
+        assert recipe.train.max_steps == 4 and recipe.train.pg_timeout_s == 1800
+        assert (recipe.model.peft_config is not None) == (run == "lora")
