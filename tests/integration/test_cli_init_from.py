@@ -52,14 +52,14 @@ def _quickstart_ckpt(path: Path, *, head_bias: float | None = None, num_classes:
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"model.num_classes={num_classes}"])
     torch.manual_seed(123)
-    state = build_model(recipe.task, **recipe.section("model")).state_dict()
+    state = build_model(recipe.task, **recipe.model.factory_kwargs()).state_dict()
     if head_bias is not None:
         state["head.final.weight"] = torch.zeros_like(state["head.final.weight"])
         state["head.final.bias"] = torch.tensor([-head_bias, head_bias])
     if extra_key:
         state[extra_key] = torch.ones(3)
     torch.save({"epoch": 9, "global_step": 400, "state_dict": {f"model.{k}": v for k, v in state.items()},
-                "hyper_parameters": {"model_args": recipe.section("model"), "task": recipe.task}}, path)
+                "hyper_parameters": {"model_args": recipe.model.factory_kwargs(), "task": recipe.task}}, path)
     return path
 
 

@@ -41,7 +41,7 @@ __all__ = [
     "encoder_state_dict_from_checkpoint",
     "load_checkpoint_into",
     "load_pretrained",
-    "read_checkpoint",
+    "read_pretrained_state",
     "resolve_hf_file",
 ]
 
@@ -146,8 +146,9 @@ def resolve_hf_file(repo_id: str, filename: str, variant: str) -> Path:
 
 
 # -- reading and mapping ----------------------------------------------------------------------------------------
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Tensors of a checkpoint file, memory-mapped, with ``weights_only`` (no code runs from the file).
+def read_pretrained_state(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Tensors of a pretrained weights file, memory-mapped, with ``weights_only`` (no code runs from the file); a
+    TerraTorch fine-tuned checkpoint is read by ``encdec.models.terratorch_ckpt.read_checkpoint`` instead.
 
     A top-level ``state_dict`` / ``model`` entry holding the tensors is unwrapped.
     """
@@ -378,7 +379,7 @@ def load_checkpoint_into(encoder: PrithviViT, source: CheckpointSource, path: Pa
         )
     path = source.resolve() if path is None else path
     variant = source.variant
-    mapped, unexpected, origin = encoder_state_dict_from_checkpoint(read_checkpoint(path), encoder)
+    mapped, unexpected, origin = encoder_state_dict_from_checkpoint(read_pretrained_state(path), encoder)
     target = encoder.state_dict()
     pe_key = "patch_embed.proj.weight"
     pe_dest = pe_key if pe_key in target else "patch_embed.proj.base_layer.weight"
