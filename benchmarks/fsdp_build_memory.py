@@ -34,6 +34,7 @@ def measure(rank: int, world: int, backbone: str, img_size: int, build_on_rank0:
     from encdec.train.loop_parts import freeze, seed_everything
 
     before = _status("VmRSS")
+    from encdec.config import OptimSection
     from encdec.train.optim import build_optimizer
 
     strategy = make_strategy("fsdp", build_on_rank0=build_on_rank0, optimizer_factory=build_optimizer)
@@ -44,7 +45,7 @@ def measure(rank: int, world: int, backbone: str, img_size: int, build_on_rank0:
                           decoder="FCNDecoder", decoder_channels=64, num_classes=2)
     params = sum(p.numel() for p in net.parameters())
     freeze(net, freeze_backbone=False, freeze_decoder=False)
-    strategy.setup(net, {"name": "adamw", "lr": 1e-4}, precision="fp32", grad_accum=1, activation_checkpointing=False)
+    strategy.setup(net, OptimSection(name="adamw", lr=1e-4), precision="fp32", grad_accum=1, activation_checkpointing=False)
     after, peak = _status("VmRSS"), _status("VmHWM")  # before the check below gathers every weight
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in strategy.module.parameters())
     digest = float(sum(p.detach().full_tensor().double().sum() for p in strategy.module.parameters()))

@@ -125,12 +125,13 @@ def worker(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     rss_built = RssSampler()._rss()
+    from encdec.config import OptimSection
     from encdec.train.optim import build_optimizer
 
     strategy = make_strategy(name, optimizer_factory=build_optimizer, **opts)
     strategy.setup(
         model,
-        {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "grad_clip": 1.0},
+        OptimSection(name="adamw", lr=1e-4, weight_decay=0.05, grad_clip=1.0),
         precision=cfg["precision"],
         grad_accum=1,
         activation_checkpointing=cfg["activation_checkpointing"],

@@ -88,6 +88,7 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _encdec_step(precision: str, option: str) -> tuple[Any, int, int]:
     from encdec import build_model
+    from encdec.config import LossSection, OptimSection
     from encdec.distributed import make_strategy
     from encdec.train.losses import build_loss
     from encdec.train.optim import build_optimizer
@@ -99,9 +100,9 @@ def _encdec_step(precision: str, option: str) -> tuple[Any, int, int]:
     if option == "compile":
         for unit in model.sharding_units():
             unit.compile()
-    strategy.setup(model, {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05}, precision=precision, grad_accum=1,
+    strategy.setup(model, OptimSection(name="adamw", lr=1e-4, weight_decay=0.05), precision=precision, grad_accum=1,
                    activation_checkpointing=option == "ac")
-    loss_fn = build_loss("segmentation", {"name": "ce", "ignore_index": -1})
+    loss_fn = build_loss("segmentation", LossSection(name="ce", ignore_index=-1))
     x, y = _batch()
     batch = {"image": x, "mask": y}
 
