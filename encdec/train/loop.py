@@ -1,6 +1,7 @@
 """The one training recipe every worker runs, readable top to bottom in ``train``.
 
-Build order (each step needs the previous one):
+Build order (each step needs the previous one; steps 1-5 are ``encdec.train.build.build_run_model``, the builder
+export, the plan and the ``--init-from`` check use too):
 
 1. build the model with the run seed: on the CPU (every rank builds the same initial weights; FSDP2 and ZeRO-3
    keep each rank's own slice of them, so they must agree), or, where the strategy fills the shards from rank 0
@@ -10,7 +11,7 @@ Build order (each step needs the previous one):
    ``load_pretrained`` maps the checkpoint's keys onto that layout); then ``init_from`` (a TerraTorch checkpoint,
    mapped onto the same layout) unless resuming, where the checkpoint holds the weights;
 5. decide the trainable set (``train.freeze_backbone`` / ``freeze_decoder``, never freezing PEFT adapters) and
-   check it (``encdec.models.peft.check_trainable``: the freeze trap of frozen adapters fails here);
+   check it (``encdec.models.peft.set_trainable``: the freeze trap of frozen adapters fails here);
 6. precision storage (bf16: frozen weights stored in bf16 once), 7. activation checkpointing (in
    ``strategy.setup``, before sharding), 8. optional ``torch.compile`` of each sharding unit;
 9. shard (``strategy.setup``) and 10. build the optimizer over trainable parameters after sharding;
