@@ -148,3 +148,26 @@ def test_resume_into_other_dcp_strategies_and_bad_inputs(tmp_path: Path) -> None
     with pytest.raises(StrategyError, match="init_process_group"):
         make_strategy("fsdp", optimizer_factory=build_optimizer).setup(nn.Linear(2, 2), OPTIM, precision="fp32", grad_accum=1,
                                     activation_checkpointing=False)
+
+
+def test_best_comes_from_memory_and_the_checkpoint_not_best_json(tmp_path: Path) -> None:
+    """A stale best.json (what one rank of a job may read from a bucket) changes no decision; rank 0 rewrites it;
+    a resumed manager takes the best from the checkpoint's own extra."""
+    manager = CheckpointManager(tmp_path, keep_last=1, best_metric="miou", best_mode="max")
+    s = _strategy()
+    _train(s, 1)
+    manager.save(s, 1, {}, metrics={"miou": 0.3})
+    (tmp_path / "best.json").write_text(json.dumps({"step": 1, "metric": "miou", "value": 99.0}))
+    assert manager.is_best({"miou": 0.5}), "decided from the in-memory best (0.3), not the file (99)"
+    manager.save(s, 2, {}, metrics={"miou": 0.5})
+    manager.save(s, 3, {}, metrics={"miou": 0.4})
+    assert json.loads((tmp_path / "best.json").read_text()) == {"step": 2, "metric": "miou", "value": 0.5}
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 3]
+
+    (tmp_path / "best.json").write_text("{corrupt")
+    resumed = CheckpointManager(tmp_path, keep_last=1, best_metric="miou", best_mode="max")
+    extra = s.load(tmp_path / "step_00000003")
+    assert resumed.restore_best(extra, s) == {"step": 2, "metric": "miou", "value": 0.5}
+    assert not resumed.is_best({"miou": 0.45}) and resumed.is_best({"miou": 0.6})
+    other = CheckpointManager(tmp_path, best_metric="loss", best_mode="min")  # the recipe now ranks by loss
+    assert other.restore_best(extra, s) is None
