@@ -159,6 +159,7 @@ class TorchStrategy(Strategy):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+        from encdec.models.model import recomputed_state_keys
         from encdec.train.checkpoint import CheckpointError, load_extra, read_meta
 
         meta = read_meta(ckpt_dir)
@@ -171,6 +172,8 @@ class TorchStrategy(Strategy):
         adapter_only = bool(meta.get("adapter_only", False))
         options = StateDictOptions(ignore_frozen_params=adapter_only)
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=options)
+        # fixed tables (Prithvi's pos_embed) are not read: round-1 checkpoints lack them, the model recomputes them
+        fixed = {k: model_sd.pop(k) for k in recomputed_state_keys(self.module) if k in model_sd}
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         try:
             with _one_process():
@@ -182,7 +185,7 @@ class TorchStrategy(Strategy):
         set_state_dict(
             self.module,
             self.optimizer,
-            model_state_dict=state["model"],
+            model_state_dict={**state["model"], **fixed},
             optim_state_dict=state["optim"],
             options=StateDictOptions(strict=not adapter_only),
         )

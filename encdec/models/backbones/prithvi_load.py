@@ -390,7 +390,12 @@ def load_checkpoint_into(encoder: PrithviViT, source: CheckpointSource, path: Pa
     unexpected += more_unexpected
 
     def provided(key: str) -> bool:
-        return key in routed or any(m in key for m in ADAPTER_MARKERS) or any(key.startswith(p) for p in split)
+        return (
+            key in routed
+            or key in encoder.recomputed_buffers  # pos_embed: recomputed for this grid, never read
+            or any(m in key for m in ADAPTER_MARKERS)
+            or any(key.startswith(p) for p in split)
+        )
 
     missing = [k for k in target if not provided(k)]
     if missing or unexpected or misshapen:
