@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from encdec.models.backbones.prithvi import (
     PrithviCheckpointError,
@@ -372,3 +374,26 @@ def test_load_pretrained_into_fsdp2_sharded_encoder(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, str(script), ckpt, str(port)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "FSDP2 load OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_coords_encoding_added_to_a_variant_pretrained_without_it(tmp_path: Path, on_meta: bool) -> None:
+    """The official burn-scars config asks prithvi_eo_v2_300 (no coordinate encoders in its file) for
+    coords_encoding [time, location]: TerraTorch builds fixed-scale (1.0) encoders and loads the file."""
+    src = _randomised("prithvi_eo_tiny", img_size=32)
+    path = _save(_official_state(src), tmp_path / "official.pt")
+    kwargs: dict[str, Any] = {"pretrained": True, "ckpt_path": path, "img_size": 32,
+                              "coords_encoding": ["time", "location"]}
+    if on_meta:
+        with torch.device("meta"):
+            enc = build_prithvi("prithvi_eo_tiny", **kwargs)
+        enc.to_empty(device="cpu")
+        assert load_pretrained(enc) == ["<root> <- " + path]
+    else:
+        enc = build_prithvi("prithvi_eo_tiny", **kwargs)
+    assert enc.temporal_encoding and enc.location_encoding and enc.coords_added
+    for m in (enc.temporal_embed_enc, enc.location_embed_enc):
+        assert torch.equal(m.scale, torch.ones(1)) and not any(p is m.scale for p in enc.parameters())
+    assert torch.equal(enc.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    learned = build_prithvi("prithvi_eo_tiny", img_size=32, coords_encoding=["time"], coords_scale_learn=True)
+    assert isinstance(learned.temporal_embed_enc.scale, nn.Parameter) and not learned.location_encoding

@@ -52,7 +52,8 @@ class PrithviViT(nn.Module):
         img_size: (H, W) the position embedding is built for; other sizes are interpolated at run time.
         num_frames: frames T per sample.
         mlp_ratio: MLP hidden width / D.
-        coords_encoding: subset of ``("time", "location")``: learnable-scale coordinate encodings.
+        coords_encoding: subset of ``("time", "location")``: coordinate encodings.
+        coords_scale_learn: their scale is learnable (starts at 0.1; the ``_tl`` variants) or a fixed 1.0.
         drop_path_rate: stochastic-depth rate, the same for every block (as in TerraTorch's ``drop_path``).
         out_indices: which block outputs forward returns (default: all, in order); negative indices allowed.
         variant: registry name, informative only.
@@ -73,6 +74,7 @@ class PrithviViT(nn.Module):
         num_frames: int = 1,
         mlp_ratio: float = 4.0,
         coords_encoding: Sequence[str] = (),
+        coords_scale_learn: bool = True,
         drop_path_rate: float = 0.0,
         out_indices: Sequence[int] | None = None,
         variant: str | None = None,
@@ -113,12 +115,15 @@ class PrithviViT(nn.Module):
         self.out_channels: list[int] = [embed_dim * self.grid[0]] * len(self.out_indices)
         # A checkpoint to load once the tensors are real (set by the builder for meta builds).
         self.pending_checkpoint: Any = None
+        # Coordinate encodings a config added to a variant pretrained without them (set by the builder): its
+        # checkpoint lacks their scales, which then keep their initial value.
+        self.coords_added = False
 
         self.patch_embed = PatchEmbed3D(self.in_chans, embed_dim, self.patch_size)
         if self.temporal_encoding:
-            self.temporal_embed_enc = TemporalEncoder(embed_dim)
+            self.temporal_embed_enc = TemporalEncoder(embed_dim, coords_scale_learn)
         if self.location_encoding:
-            self.location_embed_enc = LocationEncoder(embed_dim)
+            self.location_embed_enc = LocationEncoder(embed_dim, coords_scale_learn)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, float(drop_path_rate)) for _ in range(depth))
@@ -172,7 +177,7 @@ class PrithviViT(nn.Module):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
                 elif isinstance(m, (TemporalEncoder, LocationEncoder)):
-                    m.scale.fill_(0.1)
+                    m.scale.fill_(0.1 if m.trainable_scale else 1.0)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PrithviViT:  # type: ignore[override]
         # ``to_empty`` (and ``.to``/``.half``) go through here; a re-created pos_embed holds garbage or a rounded
