@@ -9,8 +9,10 @@ are equal. The remaining differences are renamed here, each rule for a reason:
   injects the adapters in place (same inner names).
 - ``encoder.*`` -> ``encoder.model.*``: TerraTorch's timm encoder is the timm model itself; ours wraps it.
 - ``decoder._smp_decoder.*`` -> ``decoder.decoder.*``: smp decoders.
-- ``head.head.<last>.*`` -> ``head.final.*`` and ``head.head.<k>.<i>.<j>.*`` -> ``head.hidden.<3i+j>.*``:
-  TerraTorch's heads are one ``nn.Sequential`` (pre-head blocks, dropout, final conv); ours name the parts.
+- ``head.head.<k>.*`` -> ``head.upscale|hidden|final.*`` and ``aux_heads.<name>.0|1.*`` ->
+  ``aux_heads.<name>.decoder|head.*``: TerraTorch's heads are one ``nn.Sequential`` whose indices depend on the
+  options, and its aux heads ``Sequential(decoder, head)``; ours name the parts. The table is made from our
+  model's own heads (``encdec.models.terratorch_keys``), never guessed from the file.
 - Tables we recompute from their definition (Prithvi's sin-cos ``pos_embed``, a function of the grid: a module
   lists them in ``recomputed_buffers``) are not read from the file, and a file without them is complete.
 """
@@ -19,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from torch import Tensor, nn
 
 from encdec.models.safe_load import safe_torch_load
+from encdec.models.terratorch_keys import rename_terratorch_head_keys
 
 __all__ = [
     "CheckpointMismatch",
@@ -93,38 +96,14 @@ _PREFIX_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^encoder\."), "encoder.model."),  # timm encoders: ours wraps the timm model
     (re.compile(r"(^|\.)decoder\._smp_decoder\."), r"\1decoder.decoder."),  # smp decoders
 )
-_HEAD = re.compile(r"^(?P<pre>(?:.*\.)?)head\.head\.(?P<k>\d+)\.(?P<rest>.*)$")
-_HEAD_BLOCK = re.compile(r"^(?P<i>\d+)\.(?P<j>\d+)\.(?P<rest>.*)$")
 
 
-def _candidates(key: str, last_head: Mapping[str, int]) -> list[str]:
+def _candidates(key: str) -> list[str]:
     """Names ``key`` may have here, most literal first."""
     names = [key]
     for pattern, repl in _PREFIX_RULES:
         names += [pattern.sub(repl, n, count=1) for n in names if pattern.search(n)]
-    out: list[str] = []
-    for n in names:
-        out.append(n)
-        m = _HEAD.match(n)
-        if m is None:
-            continue
-        pre, k, rest = m["pre"], int(m["k"]), m["rest"]
-        if k == last_head.get(pre):
-            out.append(f"{pre}head.final.{rest}")
-        elif (b := _HEAD_BLOCK.match(rest)) is not None and int(b["j"]) < 3:
-            out.append(f"{pre}head.hidden.{3 * int(b['i']) + int(b['j'])}.{b['rest']}")
-    return list(dict.fromkeys(out))
-
-
-def _last_head_index(keys: Iterable[str]) -> dict[str, int]:
-    """For each ``<prefix>head.head.<k>.`` family, its largest ``k`` (TerraTorch's final conv)."""
-    last: dict[str, int] = {}
-    for key in keys:
-        for n in _candidates(key, {}):
-            m = _HEAD.match(n)
-            if m is not None:
-                last[m["pre"]] = max(last.get(m["pre"], -1), int(m["k"]))
-    return last
+    return list(dict.fromkeys(names))
 
 
 def _recomputed(model: nn.Module) -> set[str]:
@@ -148,12 +127,12 @@ def map_terratorch_keys(
     """
     target = model.state_dict()
     fixed = _recomputed(model)
-    last_head = _last_head_index(state_dict)
+    renamed = rename_terratorch_head_keys(state_dict, model)  # heads: renamed from our heads' own layout
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     skipped: list[str] = []
-    for key, value in state_dict.items():
-        names = _candidates(key, last_head)
+    for (key, _), (new_key, value) in zip(state_dict.items(), renamed.items(), strict=True):
+        names = _candidates(new_key)
         if any(n in fixed for n in names):
             skipped.append(key)
         elif (hit := next((n for n in names if n in target), None)) is not None:
