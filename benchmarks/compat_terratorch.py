@@ -21,6 +21,13 @@ smp Unet): TerraTorch's model with seeded noise on every tensor (BatchNorm stati
 saved as a Lightning-shaped checkpoint, loaded here with ``read_checkpoint`` + ``load_terratorch_weights``
 (strict), and both models' eval-mode logits on the same input are compared.
 
+With ``--matrix``, it runs the compatibility matrix of ``tests/unit/test_terratorch_matrix.py`` live: the
+generator ``tests/unit/fixtures/make_terratorch_outputs.py`` runs in the TerraTorch venv (every case, or
+``--cases``) and writes fresh fixtures into ``<workdir>/matrix``; each is compared here exactly as the test does
+(``tests/unit/_tt_matrix.py``) and a table of shapes and max abs diffs is printed and saved::
+
+    .venv/bin/python benchmarks/compat_terratorch.py --tt-python /work/tt-venv/bin/python --matrix
+
 It also times, in the same run, the CPU forward of ``prithvi_eo_v2_300`` on ``[1, 6, 224, 224]`` for both
 (median of ``--repeats`` after one warm-up, same thread count) and the meta-device build of
 ``prithvi_eo_v2_600`` here.
@@ -188,6 +195,32 @@ def compare_models(args: argparse.Namespace, workdir: Path) -> int:
     return 0 if worst <= 1e-4 else 1
 
 
+def compare_matrix(args: argparse.Namespace, workdir: Path) -> int:
+    """``--matrix``: regenerate the matrix with the live TerraTorch and compare every case (see the module doc)."""
+    tests_unit = Path(__file__).resolve().parents[1] / "tests" / "unit"
+    out = workdir / "matrix"
+    out.mkdir(parents=True, exist_ok=True)
+    generator = [args.tt_python, str(tests_unit / "fixtures" / "make_terratorch_outputs.py"), "--out", str(out)]
+    done = subprocess.run(generator + (["--only", *args.cases] if args.cases else []), check=False)
+    sys.path.insert(0, str(tests_unit))
+    import _tt_matrix  # tests/unit is not a package: imported once the path is set
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for name in args.cases or _tt_matrix.case_names(out):
+        result = _tt_matrix.run_case(name, out)
+        rows.append({"case": name, "ok": result.ok, "max_abs_diff": result.max_diff, "error": result.error,
+                     "shapes": {k: [list(r), None if o is None else list(o)] for k, (r, o) in result.shapes.items()},
+                     "ref_abs_max": result.ref_abs_max})
+        print(("ok    " if result.ok else "FAIL  ") + result.describe())
+    failed = [r["case"] for r in rows if not r["ok"]]
+    (workdir / "report_matrix.json").write_text(json.dumps({"torch": torch.__version__, "atol": _tt_matrix.ATOL,
+                                                             "cases": rows, "failed": failed}, indent=2))
+    print(f"{len(rows) - len(failed)} of {len(rows)} cases match TerraTorch (max abs diff <= {_tt_matrix.ATOL:.0e}); "
+          f"failed: {failed or 'none'}; report: {workdir / 'report_matrix.json'}")
+    return 0 if not failed and done.returncode == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tt-python", default="/work/tt-venv/bin/python", help="python of the TerraTorch venv")
@@ -196,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     parser.add_argument("--models", action="store_true",
                         help="compare whole models (TerraTorch checkpoint -> load_terratorch_weights -> logits)")
+    parser.add_argument("--matrix", action="store_true",
+                        help="run the compatibility matrix live (generator in the TerraTorch venv, compare here)")
+    parser.add_argument("--cases", nargs="*", default=None, help="with --matrix: only these cases")
     parser.add_argument("--terratorch-side", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.matrix:
+        return compare_matrix(args, workdir)
     if args.models:
         if args.terratorch_side:
             terratorch_models_side(workdir, args.threads)

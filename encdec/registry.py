@@ -26,6 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 __all__ = [
     "Entry",
     "MultiSourceRegistry",
+    "NotCallableError",
     "Registry",
     "RegistryError",
     "Source",
@@ -35,6 +36,11 @@ __all__ = [
 
 class RegistryError(ValueError):
     """A registry was used wrongly (duplicate name, bad source prefix...)."""
+
+
+class NotCallableError(RegistryError, TypeError):
+    """Something that cannot construct a component was registered. A ``TypeError`` too, as in TerraTorch and
+    Python's convention for a wrong kind of argument."""
 
 
 class UnknownNameError(RegistryError, KeyError):
@@ -101,6 +107,12 @@ class Registry:
         """
 
         def _do(target: Callable[..., Any]) -> Callable[..., Any]:
+            if not callable(target):
+                raise NotCallableError(
+                    f"cannot register {target!r} ({type(target).__name__}) in the {self.kind} registry: it is not "
+                    "callable; register a class or a function that builds the component (use name=... to pick "
+                    "the registry name)"
+                )
             key = name or getattr(target, "__name__", None)
             if not key:
                 raise RegistryError(f"cannot register {target!r} in the {self.kind} registry without a name")

@@ -181,5 +181,6 @@ def load_extra(ckpt_dir: str | Path, rank: int, world_size: int) -> dict[str, An
     path = ckpt_dir / "extra" / f"rank_{src:05d}.pt"
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} has no {path.name} in extra/; it is damaged")
-    # written by save_extra (our own files): RNG states hold numpy arrays, which weights_only refuses
-    return dict(torch.load(path, map_location="cpu", weights_only=False))
+    # a run directory can be shared: read it without running anything from it (RNG states hold numpy arrays)
+    from encdec.models.safe_load import safe_torch_load
+    return dict(safe_torch_load(path, stub_unknown=False, mmap=False))

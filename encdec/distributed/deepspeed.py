@@ -261,7 +261,8 @@ class DeepSpeedStrategy(Strategy):
         if universal:
             # DeepSpeed's universal load copies param group 0's hyperparameters into every group (so the
             # no-weight-decay group would get weight decay): put back each group's own
-            saved = torch.load(ckpt_dir / "param_groups.pt", weights_only=False)
+            from encdec.models.safe_load import safe_torch_load
+            saved = safe_torch_load(ckpt_dir / "param_groups.pt", stub_unknown=False, mmap=False)
             groups = self.optimizer.param_groups
             if len(saved) != len(groups):
                 raise CheckpointError(

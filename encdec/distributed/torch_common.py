@@ -165,11 +165,14 @@ class TorchStrategy(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         from encdec.distributed.ckpt_io import CheckpointError
+        from encdec.models.model import recomputed_state_keys
 
         meta = self._read_checkpoint_meta(ckpt_dir, DCP_FORMAT, "none/ddp/fsdp")
         adapter_only = bool(meta.get("adapter_only", False))
         options = StateDictOptions(ignore_frozen_params=adapter_only)
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer, options=options)
+        # fixed tables (Prithvi's pos_embed) are not read: round-1 checkpoints lack them, the model recomputes them
+        fixed = {k: model_sd.pop(k) for k in recomputed_state_keys(self.module) if k in model_sd}
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         try:
             with _one_process():
@@ -181,7 +184,7 @@ class TorchStrategy(Strategy):
         set_state_dict(
             self.module,
             self.optimizer,
-            model_state_dict=state["model"],
+            model_state_dict={**state["model"], **fixed},
             optim_state_dict=state["optim"],
             options=StateDictOptions(strict=not adapter_only),
         )

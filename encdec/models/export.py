@@ -106,9 +106,10 @@ def to_official_prithvi(
     """The backbone part of a plain model state dict in the official Prithvi checkpoint layout.
 
     Our models keep the backbone under ``encoder.`` with the official module names, so this keeps the
-    ``encoder.`` entries, checks that they are plain (merged, fused) and adds ``encoder.pos_embed`` (the fixed
-    sin-cos table, which our encoder does not store and every loader recomputes, but which the official files
-    hold and TerraTorch's loader expects). The result loads like ``Prithvi_EO_V2_300M.pt``.
+    ``encoder.`` entries, checks that they are plain (merged, fused) and sets ``encoder.pos_embed`` to the fixed
+    sin-cos table of the official grid (our encoder stores the table of its own ``img_size``, and state dicts of
+    round 1 have none; every loader recomputes it, but the official files hold it at 224 x 224 and TerraTorch's
+    loader expects it). The result loads like ``Prithvi_EO_V2_300M.pt``.
 
     Args:
         state_dict: from :func:`merge_and_export` (or a model built without PEFT).
@@ -131,7 +132,7 @@ def to_official_prithvi(
             "merge_and_export(model) first"
         )
     proj, cls = enc.get("encoder.patch_embed.proj.weight"), enc.get("encoder.cls_token")
-    if proj is not None and cls is not None and proj.dim() == 5 and "encoder.pos_embed" not in enc:
+    if proj is not None and cls is not None and proj.dim() == 5:
         from encdec.models.backbones.prithvi_pos import sincos_3d_pos_embed
 
         pt, ph, pw = proj.shape[2:]

@@ -11,6 +11,8 @@ block builds unchanged with ``build_model(task, **model_args)``. Differences tha
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +27,7 @@ from encdec.models.model import (
     PixelWiseModel,
     ScalarOutputModel,
 )
-from encdec.registry import BACKBONE_REGISTRY, DECODER_REGISTRY, NECK_REGISTRY
+from encdec.registry import BACKBONE_REGISTRY, DECODER_REGISTRY, NECK_REGISTRY, Registry
 
 __all__ = ["TASKS", "TASK_MODELS", "EncoderDecoderFactory", "FactoryError", "build_model"]
 
@@ -56,6 +58,34 @@ def _route(
             )
         merged[inner] = kwargs.pop(key)
     return merged
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_decoder_args(decoder: str, kwargs: Mapping[str, Any], what: str) -> None:
+    """Name the arguments a built-in decoder does not take, before its constructor raises a bare TypeError.
+
+    External sources (smp) check their own arguments; a constructor taking ``**kwargs`` accepts anything.
+    """
+    prefix, inner = DECODER_REGISTRY.find(decoder)
+    source = DECODER_REGISTRY[prefix]
+    if not isinstance(source, Registry):
+        return
+    params = list(inspect.signature(source[inner]).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    # the first parameter is the channel list the factory passes positionally
+    accepted = [p.name for p in params[1:] if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        named = ", ".join(f"{k!r}{_did_you_mean(k, accepted)}" for k in unknown)
+        raise FactoryError(
+            f"{what} {decoder!r} does not take the argument(s) {named}; it takes {accepted}. Fix the spelling or "
+            "remove them"
+        )
 
 
 def _includes_head(decoder: str | nn.Module) -> bool:
@@ -120,6 +150,7 @@ def _build_decoder(
                     f"{what} {decoder!r} includes its head and needs num_classes; set num_classes in the model args"
                 )
             kwargs = {"num_classes": num_classes, **kwargs}
+        _check_decoder_args(decoder, kwargs, what)
         module = DECODER_REGISTRY.build(decoder, list(channels), **kwargs)
     if not includes_head and not isinstance(getattr(module, "out_channels", None), int):
         raise FactoryError(
@@ -164,9 +195,11 @@ class EncoderDecoderFactory:
         decoder_kwargs: dict[str, Any] | None = None,
         head_kwargs: dict[str, Any] | None = None,
         num_classes: int | None = None,
+        num_outputs: int | None = None,
         necks: list[dict[str, Any]] | None = None,
         aux_decoders: list[AuxiliaryHead] | None = None,
         rescale: bool = True,
+        image_size_out: tuple[int, int] | None = None,
         peft_config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> nn.Module:
@@ -180,23 +213,40 @@ class EncoderDecoderFactory:
             backbone_kwargs, decoder_kwargs, head_kwargs: constructor arguments; ``backbone_*``, ``decoder_*`` and
                 ``head_*`` keyword arguments are routed here with the prefix stripped.
             num_classes: classes for segmentation/classification (outputs for regression).
-            necks: ``[{"name": ..., **kwargs}]`` applied in order between encoder and decoder.
+            num_outputs: outputs of a regression task (TerraTorch's name; give it or num_classes, not both).
+            necks: ``[{"name": ..., **kwargs}]`` applied in order between encoder and decoder. Without necks an
+                encoder with ``prepare_features_for_image_model`` (Prithvi) turns its tokens into maps itself.
             aux_decoders: extra decoders + heads on the same necked features.
             rescale: interpolate pixel-wise outputs to the input size.
+            image_size_out: (H, W) pixel-wise outputs are centre-cropped to (default: the input's).
+            backbone_padding: (routed from ``backbone_*`` as in TerraTorch) how inputs are padded to a multiple of
+                twice the patch size: a torch padding mode (default ``reflect``) or None for no padding.
             peft_config: ``{"method", "replace_qkv", "peft_config_kwargs"}``: split fused qkv and apply PEFT to
                 the backbone (``encdec.models.peft``).
 
         Raises:
             FactoryError (a ValueError): unknown task, unused or doubled arguments, missing num_classes.
         """
-        if task not in TASK_MODELS:
-            raise FactoryError(f"task {task!r} is not supported; use one of {', '.join(TASKS)}")
+        if not isinstance(task, str) or task.lower() not in TASK_MODELS:
+            raise FactoryError(f"task {task!r} is not supported; use one of {', '.join(TASK_MODELS)} (any case)")
+        task = task.lower()  # TerraTorch lower-cases the task too
+        if num_outputs is not None:
+            if num_classes is not None:
+                raise FactoryError(
+                    f"num_outputs={num_outputs!r} and num_classes={num_classes!r} are both given; give one of them "
+                    "(num_outputs for regression, num_classes for segmentation/classification)"
+                )
+            num_classes = num_outputs
         backbone_kwargs = _route(kwargs, backbone_kwargs, "backbone")
+        # TerraTorch reads the padding mode from the backbone arguments; it is the model's, not the encoder's
+        padding = backbone_kwargs.pop("padding", "reflect")
         decoder_kwargs = _route(kwargs, decoder_kwargs, "decoder")
         head_kwargs = _route(kwargs, head_kwargs, "head")
         if kwargs:
+            own = [p for p in inspect.signature(EncoderDecoderFactory.build_model).parameters if p not in ("self", "kwargs")]
+            hints = "".join(f" {k!r}{_did_you_mean(k, own)}" for k in sorted(kwargs) if _did_you_mean(k, own))
             raise FactoryError(
-                f"unused arguments {sorted(kwargs)}: build_model takes backbone_*, decoder_* and head_* prefixed "
+                f"unused arguments {sorted(kwargs)}{hints}: build_model takes backbone_*, decoder_* and head_* prefixed "
                 "arguments besides its named ones; check the spelling or add the right prefix"
             )
 
@@ -230,7 +280,15 @@ class EncoderDecoderFactory:
             aux_modules[aux.name] = AuxiliaryHeadModule(aux_dec, aux_head)
 
         model_cls = TASK_MODELS[task]
-        return model_cls(task, encoder, dec, head, neck=neck, aux_heads=aux_modules, rescale=rescale)
+        if model_cls is ScalarOutputModel:
+            if image_size_out is not None:
+                raise FactoryError(
+                    f"image_size_out={image_size_out!r} applies to pixel-wise tasks only; task {task!r} returns one "
+                    "value per image: remove it"
+                )
+            return model_cls(task, encoder, dec, head, neck=neck, aux_heads=aux_modules, padding=padding)
+        return model_cls(task, encoder, dec, head, neck=neck, aux_heads=aux_modules, rescale=rescale,
+                         padding=padding, image_size_out=image_size_out)
 
 
 def build_model(task: str, backbone: str | nn.Module, decoder: str | nn.Module = "FCNDecoder", **kwargs: Any) -> nn.Module:

@@ -6,7 +6,14 @@ from torch import Tensor, nn
 
 from encdec.models.norms import conv_bias, make_norm2d
 
-__all__ = ["ClassificationHead", "RegressionHead", "ScalarHead", "SegmentationHead", "resolve_activation"]
+__all__ = [
+    "ClassificationHead",
+    "PixelShuffleUpscale",
+    "RegressionHead",
+    "ScalarHead",
+    "SegmentationHead",
+    "resolve_activation",
+]
 
 
 def resolve_activation(act: str | nn.Module | None) -> nn.Module:
@@ -26,6 +33,11 @@ def resolve_activation(act: str | nn.Module | None) -> nn.Module:
 
 
 def _conv_stack(in_ch: int, channels: list[int] | None, norm: str) -> tuple[nn.Sequential, int]:
+    """3x3 conv + norm + ReLU per entry of ``channels``, flat (``hidden.<3i>`` is block i's conv).
+
+    With ``norm="none"`` a block is TerraTorch's segmentation block (conv with bias, ReLU; the Identity keeps the
+    numbering); with ``norm="batch"`` its regression block (conv without bias, BatchNorm, ReLU).
+    """
     layers: list[nn.Module] = []
     for ch in channels or []:
         layers += [nn.Conv2d(in_ch, ch, 3, padding=1, bias=conv_bias(norm)), make_norm2d(norm, ch), nn.ReLU()]
@@ -34,7 +46,11 @@ def _conv_stack(in_ch: int, channels: list[int] | None, norm: str) -> tuple[nn.S
 
 
 class SegmentationHead(nn.Module):
-    """Optional 3x3 conv stack (``channel_list``), dropout, then a 1x1 conv to ``num_classes``."""
+    """Optional 3x3 conv stack (``channel_list``), dropout, then a 1x1 conv to ``num_classes``.
+
+    As TerraTorch's ``SegmentationHead``: the conv blocks have a bias and no norm (``norm="none"``, the default;
+    another norm is our addition) and the dropout is element-wise ``nn.Dropout``.
+    """
 
     def __init__(
         self,
@@ -42,20 +58,43 @@ class SegmentationHead(nn.Module):
         num_classes: int,
         channel_list: list[int] | None = None,
         dropout: float = 0.0,
-        norm: str = "batch",
+        norm: str = "none",
     ) -> None:
         super().__init__()
         self.hidden, ch = _conv_stack(in_channels, channel_list, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.final = nn.Conv2d(ch, num_classes, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.final(self.dropout(self.hidden(x)))
 
 
+class PixelShuffleUpscale(nn.Module):
+    """2x learned upsampling of TerraTorch's regression head: 3x3 conv to 4C, PixelShuffle(2), norm, ReLU.
+
+    Attribute names (``conv``, ``bn``) are TerraTorch's so the keys map one to one.
+    """
+
+    def __init__(self, channels: int, norm: str = "batch") -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels * 4, 3, padding=1)
+        self.upscale = nn.PixelShuffle(2)
+        self.bn = make_norm2d(norm, channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.bn(self.upscale(self.conv(x))))
+
+
 class RegressionHead(nn.Module):
-    """Pixel-wise regression: ``learned_upscale_layers`` x2 transposed-conv upsamplings, optional conv stack,
-    dropout, 1x1 conv to ``num_outputs`` and ``final_act``."""
+    """Pixel-wise regression as TerraTorch's ``RegressionHead``: ``learned_upscale_layers`` x2 PixelShuffle
+    upsamplings, optional conv stack (conv without bias, BatchNorm, ReLU), channel-wise ``nn.Dropout2d``, 1x1 conv
+    to ``num_outputs`` and ``final_act``.
+
+    Args:
+        batch_norm: accepted because TerraTorch's signature has it; TerraTorch ignores it (its blocks always have
+            BatchNorm), so only ``True`` is accepted here; choose the norm with ``norm``.
+    """
 
     def __init__(
         self,
@@ -66,14 +105,20 @@ class RegressionHead(nn.Module):
         dropout: float = 0.0,
         num_outputs: int = 1,
         norm: str = "batch",
+        batch_norm: bool = True,
     ) -> None:
         super().__init__()
-        up: list[nn.Module] = []
-        for _ in range(learned_upscale_layers):
-            up += [nn.ConvTranspose2d(in_channels, in_channels, 2, 2), make_norm2d(norm, in_channels), nn.ReLU()]
-        self.upscale = nn.Sequential(*up)
+        if batch_norm is not True:
+            raise ValueError(
+                f"head_batch_norm={batch_norm!r} has no effect in TerraTorch 1.2 (its regression head always uses "
+                "BatchNorm) and is not supported here; remove it, or set head_norm: none | group | layer | "
+                "frozen_batch to change the norm"
+            )
+        if not isinstance(learned_upscale_layers, int) or isinstance(learned_upscale_layers, bool) or learned_upscale_layers < 0:
+            raise ValueError(f"learned_upscale_layers must be an int >= 0, got {learned_upscale_layers!r}")
+        self.upscale = nn.Sequential(*(PixelShuffleUpscale(in_channels, norm) for _ in range(learned_upscale_layers)))
         self.hidden, ch = _conv_stack(in_channels, channel_list, norm)
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout2d(dropout)
         self.final = nn.Conv2d(ch, num_outputs, 1)
         self.final_act = resolve_activation(final_act)
 
@@ -91,7 +136,14 @@ def _pool(x: Tensor) -> Tensor:
 
 
 class ClassificationHead(nn.Module):
-    """Pool, then an MLP over ``dim_list`` (Linear + ReLU + dropout each) and a Linear to ``num_classes``."""
+    """Pool, then an MLP over ``dim_list`` (Linear + ReLU each), element-wise dropout and a Linear to
+    ``num_classes`` (TerraTorch's ``ScalarHead`` with ``linear_after_pool=True``; see ``linear_after_pool``).
+
+    Args:
+        linear_after_pool: ``False`` (TerraTorch's default) applies the MLP to every pixel of a ``[B, C, H, W]``
+            map and averages its outputs; ``True`` averages first. Equal without ``dim_list`` (a Linear commutes
+            with the mean); token inputs ``[B, N, D]`` are always pooled first.
+    """
 
     def __init__(
         self,
@@ -99,17 +151,23 @@ class ClassificationHead(nn.Module):
         num_classes: int,
         dim_list: list[int] | None = None,
         dropout: float = 0.0,
+        linear_after_pool: bool = False,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         for d in dim_list or []:
-            layers += [nn.Linear(in_dim, d), nn.ReLU(), nn.Dropout(dropout) if dropout > 0 else nn.Identity()]
+            # the Identity keeps the round-1 numbering (hidden.<3i> is block i's Linear)
+            layers += [nn.Linear(in_dim, d), nn.ReLU(), nn.Identity()]
             in_dim = d
         self.hidden = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.final = nn.Linear(in_dim, num_classes)
+        self.linear_after_pool = bool(linear_after_pool)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and not self.linear_after_pool:
+            tokens = x.flatten(2).transpose(1, 2)  # [B, H*W, C], TerraTorch's per-pixel MLP
+            return self.final(self.dropout(self.hidden(tokens))).mean(dim=1)
         return self.final(self.dropout(self.hidden(_pool(x))))
 
 
@@ -123,8 +181,9 @@ class ScalarHead(ClassificationHead):
         dim_list: list[int] | None = None,
         dropout: float = 0.0,
         final_act: str | nn.Module | None = None,
+        linear_after_pool: bool = False,
     ) -> None:
-        super().__init__(in_dim, num_outputs, dim_list, dropout)
+        super().__init__(in_dim, num_outputs, dim_list, dropout, linear_after_pool)
         self.final_act = resolve_activation(final_act)
 
     def forward(self, x: Tensor) -> Tensor:

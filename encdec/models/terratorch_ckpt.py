@@ -9,25 +9,25 @@ are equal. The remaining differences are renamed here, each rule for a reason:
   injects the adapters in place (same inner names).
 - ``encoder.*`` -> ``encoder.model.*``: TerraTorch's timm encoder is the timm model itself; ours wraps it.
 - ``decoder._smp_decoder.*`` -> ``decoder.decoder.*``: smp decoders.
-- ``head.head.<last>.*`` -> ``head.final.*`` and ``head.head.<k>.<i>.<j>.*`` -> ``head.hidden.<3i+j>.*``:
-  TerraTorch's heads are one ``nn.Sequential`` (pre-head blocks, dropout, final conv); ours name the parts.
-- TerraTorch keys that are non-persistent buffers here (Prithvi's fixed sin-cos ``pos_embed``, which we
-  recompute from the grid) are not loaded.
+- ``head.head.<k>.*`` -> ``head.upscale|hidden|final.*`` and ``aux_heads.<name>.0|1.*`` ->
+  ``aux_heads.<name>.decoder|head.*``: TerraTorch's heads are one ``nn.Sequential`` whose indices depend on the
+  options, and its aux heads ``Sequential(decoder, head)``; ours name the parts. The table is made from our
+  model's own heads (``encdec.models.terratorch_keys``), never guessed from the file.
+- Tables we recompute from their definition (Prithvi's sin-cos ``pos_embed``, a function of the grid: a module
+  lists them in ``recomputed_buffers``) are not read from the file, and a file without them is complete.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import pickle
 import re
-import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
 from torch import Tensor, nn
+
+from encdec.models.safe_load import safe_torch_load
+from encdec.models.terratorch_keys import rename_terratorch_head_keys
 
 __all__ = [
     "CheckpointMismatch",
@@ -50,40 +50,12 @@ class CheckpointMismatch(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-class _Stub:
-    """Stands in for classes of packages that are not installed (TerraTorch's, Lightning's) while unpickling."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Stub,), {"__module__": module})
-
-
-class _PickleModule:
-    """What ``torch.load(pickle_module=...)`` needs: an ``Unpickler`` and a ``load``."""
-
-    Unpickler = _TolerantUnpickler
-    __name__ = "encdec_tolerant_pickle"
-
-    @staticmethod
-    def load(f: io.BufferedIOBase, **kw: Any) -> Any:
-        return _TolerantUnpickler(f, **kw).load()
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The model weights of a TerraTorch (Lightning) checkpoint, with the task's ``model.`` prefix removed.
 
-    Works without TerraTorch or Lightning installed: classes the file references (hyper-parameters, callbacks)
-    are replaced by stubs; only the tensors of ``state_dict`` are kept. A plain state-dict file works too.
+    Works without TerraTorch or Lightning installed and runs nothing from the file: classes and functions it
+    names outside an allowlist (hyper-parameters, callbacks, or worse) are replaced by inert stand-ins
+    (``encdec.models.safe_load``); only the tensors of ``state_dict`` are kept. A plain state-dict file works too.
 
     Args:
         path: a Lightning ``.ckpt`` or a ``torch.save``-d state dict.
@@ -94,28 +66,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointReadError(f"checkpoint {path} does not exist or is not a file; pass the path of a .ckpt file")
-    # map the tensors instead of reading them (as prithvi_load does): the launcher's pre-flight check only needs
-    # names and shapes, and each worker copies the values into its own model anyway. Only zip-format files
-    # (torch.save's default since 1.6, and Lightning's) can be mapped.
-    mmap = zipfile.is_zipfile(path)
+    stubbed: list[str] = []
     try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception:
-        # Lightning pickles hyper-parameters and callback states as objects of its own (and TerraTorch's) classes.
-        # The file is the user's own training output, so a full unpickle with stub classes is acceptable here.
-        try:
-            ckpt = torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_PickleModule,
-                              mmap=mmap)
-        except Exception as err:
-            raise CheckpointReadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+        # memory-mapped (zip files), as prithvi_load does: the launcher's pre-flight check only needs names and
+        # shapes, and each worker copies the values into its own model anyway. Lightning pickles hyper-parameters
+        # and callback states as objects of its own (and TerraTorch's) classes: they become inert stand-ins,
+        # and nothing the file names is imported or run (a checkpoint from a hub or a colleague is untrusted).
+        ckpt = safe_torch_load(path, stub_unknown=True, stubbed=stubbed)
+    except Exception as err:
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from err
+    stand_ins = f" (objects of {stubbed[:5]} were read as inert stand-ins)" if stubbed else ""
     sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
     if not isinstance(sd, Mapping):
-        raise CheckpointReadError(f"checkpoint {path} holds no state_dict (found {type(ckpt).__name__})")
+        raise CheckpointReadError(f"checkpoint {path} holds no state_dict (found {type(ckpt).__name__}){stand_ins}")
     tensors = {str(k): v for k, v in sd.items() if isinstance(v, Tensor)}
     if any(k.startswith("model.") for k in tensors):
         tensors = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     if not tensors:
-        raise CheckpointReadError(f"checkpoint {path} has no model weights (expected tensors under 'model.')")
+        raise CheckpointReadError(
+            f"checkpoint {path} has no model weights (expected tensors under 'model.'){stand_ins}"
+        )
     return tensors
 
 
@@ -126,44 +96,22 @@ _PREFIX_RULES: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^encoder\."), "encoder.model."),  # timm encoders: ours wraps the timm model
     (re.compile(r"(^|\.)decoder\._smp_decoder\."), r"\1decoder.decoder."),  # smp decoders
 )
-_HEAD = re.compile(r"^(?P<pre>(?:.*\.)?)head\.head\.(?P<k>\d+)\.(?P<rest>.*)$")
-_HEAD_BLOCK = re.compile(r"^(?P<i>\d+)\.(?P<j>\d+)\.(?P<rest>.*)$")
 
 
-def _candidates(key: str, last_head: Mapping[str, int]) -> list[str]:
+def _candidates(key: str) -> list[str]:
     """Names ``key`` may have here, most literal first."""
     names = [key]
     for pattern, repl in _PREFIX_RULES:
         names += [pattern.sub(repl, n, count=1) for n in names if pattern.search(n)]
-    out: list[str] = []
-    for n in names:
-        out.append(n)
-        m = _HEAD.match(n)
-        if m is None:
-            continue
-        pre, k, rest = m["pre"], int(m["k"]), m["rest"]
-        if k == last_head.get(pre):
-            out.append(f"{pre}head.final.{rest}")
-        elif (b := _HEAD_BLOCK.match(rest)) is not None and int(b["j"]) < 3:
-            out.append(f"{pre}head.hidden.{3 * int(b['i']) + int(b['j'])}.{b['rest']}")
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(names))
 
 
-def _last_head_index(keys: Iterable[str]) -> dict[str, int]:
-    """For each ``<prefix>head.head.<k>.`` family, its largest ``k`` (TerraTorch's final conv)."""
-    last: dict[str, int] = {}
-    for key in keys:
-        for n in _candidates(key, {}):
-            m = _HEAD.match(n)
-            if m is not None:
-                last[m["pre"]] = max(last.get(m["pre"], -1), int(m["k"]))
-    return last
-
-
-def _non_persistent(model: nn.Module) -> set[str]:
+def _recomputed(model: nn.Module) -> set[str]:
+    """Our keys whose value is recomputed, never read: non-persistent buffers and the persistent ones a module
+    lists in ``recomputed_buffers`` (Prithvi's sin-cos ``pos_embed``, a fixed function of the grid)."""
     names = set()
     for mod_name, mod in model.named_modules():
-        for buf in getattr(mod, "_non_persistent_buffers_set", ()):
+        for buf in (*getattr(mod, "_non_persistent_buffers_set", ()), *getattr(mod, "recomputed_buffers", ())):
             names.add(f"{mod_name}.{buf}" if mod_name else buf)
     return names
 
@@ -175,21 +123,20 @@ def map_terratorch_keys(
 
     Returns:
         ``(mapped, unexpected, skipped)``: the tensors under our names, the TerraTorch keys that match nothing
-        here, and those dropped on purpose (our non-persistent buffers, recomputed from their definition).
+        here, and those dropped on purpose (tables recomputed here from their definition, e.g. ``pos_embed``).
     """
     target = model.state_dict()
-    fixed = _non_persistent(model)
-    last_head = _last_head_index(state_dict)
+    fixed = _recomputed(model)
+    renamed = rename_terratorch_head_keys(state_dict, model)  # heads: renamed from our heads' own layout
     mapped: dict[str, Tensor] = {}
     unexpected: list[str] = []
     skipped: list[str] = []
-    for key, value in state_dict.items():
-        names = _candidates(key, last_head)
-        hit = next((n for n in names if n in target), None)
-        if hit is not None:
-            mapped[hit] = value
-        elif any(n in fixed for n in names):
+    for (key, _), (new_key, value) in zip(state_dict.items(), renamed.items(), strict=True):
+        names = _candidates(new_key)
+        if any(n in fixed for n in names):
             skipped.append(key)
+        elif (hit := next((n for n in names if n in target), None)) is not None:
+            mapped[hit] = value
         else:
             unexpected.append(key)
     return mapped, unexpected, skipped
@@ -222,7 +169,8 @@ def load_terratorch_weights(model: nn.Module, state_dict: Mapping[str, Tensor], 
         for k, v in mapped.items()
         if tuple(v.shape) != tuple(target[k].shape)
     ]
-    missing = [k for k in target if k not in mapped]
+    fixed = _recomputed(model)  # e.g. pos_embed: computed from the grid, so a file without it is complete
+    missing = [k for k in target if k not in mapped and k not in fixed]
     problems = [
         _listing(title, items)
         for title, items in (

@@ -35,7 +35,7 @@ class DecoderCase:
 CASES = [
     DecoderCase("FCNDecoder", [32] * 4, vit_maps, (2, 16, 16, 16), {"channels": 16, "num_convs": 2}),
     DecoderCase("UperNetDecoder", PYR, pyramid_maps, (2, 16, 16, 16), {"channels": 16}),
-    DecoderCase("UNetDecoder", PYR, pyramid_maps, (2, 8, 32, 32), {"channels": [32, 24, 16, 8]}),
+    DecoderCase("UNetDecoder", PYR, pyramid_maps, (2, 8, 16, 16), {"channels": [32, 24, 16, 8]}),
     DecoderCase("IdentityDecoder", PYR, pyramid_maps, (2, 32, 2, 2)),
     DecoderCase("LinearDecoder", [32] * 4, vit_maps, (2, 3, 16, 16), {"num_classes": 3, "upsampling_size": 4}),
 ]
@@ -47,7 +47,7 @@ EXTRA_CASES = [
     DecoderCase("UperNetDecoder", [32], lambda: vit_maps(depth=1), (2, 16, 4, 4), {"channels": 16, "norm": "none"}),
     DecoderCase("FCNDecoder", PYR, pyramid_maps, (2, 8, 32, 32),
                 {"channels": 8, "num_convs": 1, "in_index": 0, "norm": "layer"}),
-    DecoderCase("UNetDecoder", PYR[:2], lambda: pyramid_maps(chans=(8, 16)), (2, 4, 32, 32),
+    DecoderCase("UNetDecoder", PYR[:2], lambda: pyramid_maps(chans=(8, 16)), (2, 4, 16, 16),
                 {"channels": [8, 4], "norm": "frozen_batch"}),
     DecoderCase("IdentityDecoder", [32] * 4, vit_tokens, (2, 17, 32), {"out_index": 0}),
 ]

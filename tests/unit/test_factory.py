@@ -76,7 +76,7 @@ def test_prefix_routing_merges_with_explicit_dicts() -> None:
         num_classes=2,
     )
     assert model.encoder.model.conv1.in_channels == 6 and len(model.encoder.out_channels) == 4
-    assert isinstance(model.head.dropout, nn.Dropout2d)
+    assert type(model.head.dropout) is nn.Dropout  # element-wise, as TerraTorch
 
 
 def test_unused_kwargs_are_named() -> None:
@@ -147,7 +147,7 @@ def test_aux_heads_get_their_own_head_args() -> None:
     model = build_model("segmentation", "timm_resnet18", "smp_FPN", num_classes=4, aux_decoders=aux)
     assert set(model.aux_heads) == {"deep", "plain"}
     deep_head = model.aux_heads["deep"].head
-    assert isinstance(deep_head.dropout, nn.Dropout2d) and deep_head.dropout.p == 0.3 and len(deep_head.hidden) == 3
+    assert type(deep_head.dropout) is nn.Dropout and deep_head.dropout.p == 0.3 and len(deep_head.hidden) == 3
     out = model(torch.randn(1, 3, 64, 64))
     assert out.output.shape == (1, 4, 64, 64)
     assert {k: tuple(v.shape) for k, v in out.auxiliary_heads.items()} == {"deep": (1, 4, 64, 64), "plain": (1, 4, 64, 64)}

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from encdec.models.backbones.prithvi import (
     PrithviCheckpointError,
@@ -85,8 +87,8 @@ def test_encoder_keys_are_the_official_names() -> None:
     with torch.device("meta"):
         enc = BACKBONE_REGISTRY.build("prithvi_eo_v2_tiny_tl")
     ours = {"encoder." + k for k in enc.state_dict() if ".blocks." not in "." + k or k.startswith("blocks.0.")}
-    assert ours | {"encoder.pos_embed"} == OFFICIAL_ENCODER_KEYS
-    assert len(enc.state_dict()) == 7 + 12 * 12  # cls, patch w/b, 2 scales, norm w/b + 12 per block
+    assert ours == OFFICIAL_ENCODER_KEYS  # pos_embed included: a persistent buffer, as in the official files
+    assert len(enc.state_dict()) == 8 + 12 * 12  # cls, pos_embed, patch w/b, 2 scales, norm w/b + 12 per block
 
 
 @pytest.mark.parametrize("name", ["prithvi_eo_tiny", "prithvi_eo_v2_tiny_tl"])
@@ -325,6 +327,9 @@ def run(rank, world, ckpt, port):
     enc.to_empty(device="cpu")
     assert load_pretrained(enc) == ["<root> <- " + ckpt]
     for k, v in enc.state_dict().items():
+        if k == "pos_embed":  # a buffer (FSDP2 shards parameters only), recomputed for this 32x32 grid
+            assert torch.equal(v, enc.pos_embed) and v.shape == (1, 5, 256), k
+            continue
         assert type(v).__name__ == "DTensor", k
         assert torch.equal(v.full_tensor(), src["encoder." + k]), k
     qkv = enc.blocks[0].attn.qkv.weight
@@ -369,3 +374,26 @@ def test_load_pretrained_into_fsdp2_sharded_encoder(tmp_path: Path) -> None:
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, str(script), ckpt, str(port)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "FSDP2 load OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("on_meta", [False, True])
+def test_coords_encoding_added_to_a_variant_pretrained_without_it(tmp_path: Path, on_meta: bool) -> None:
+    """The official burn-scars config asks prithvi_eo_v2_300 (no coordinate encoders in its file) for
+    coords_encoding [time, location]: TerraTorch builds fixed-scale (1.0) encoders and loads the file."""
+    src = _randomised("prithvi_eo_tiny", img_size=32)
+    path = _save(_official_state(src), tmp_path / "official.pt")
+    kwargs: dict[str, Any] = {"pretrained": True, "ckpt_path": path, "img_size": 32,
+                              "coords_encoding": ["time", "location"]}
+    if on_meta:
+        with torch.device("meta"):
+            enc = build_prithvi("prithvi_eo_tiny", **kwargs)
+        enc.to_empty(device="cpu")
+        assert load_pretrained(enc) == ["<root> <- " + path]
+    else:
+        enc = build_prithvi("prithvi_eo_tiny", **kwargs)
+    assert enc.temporal_encoding and enc.location_encoding and enc.coords_added
+    for m in (enc.temporal_embed_enc, enc.location_embed_enc):
+        assert torch.equal(m.scale, torch.ones(1)) and not any(p is m.scale for p in enc.parameters())
+    assert torch.equal(enc.blocks[1].attn.qkv.weight, src.blocks[1].attn.qkv.weight)
+    learned = build_prithvi("prithvi_eo_tiny", img_size=32, coords_encoding=["time"], coords_scale_learn=True)
+    assert isinstance(learned.temporal_embed_enc.scale, nn.Parameter) and not learned.location_encoding

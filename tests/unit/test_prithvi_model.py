@@ -249,7 +249,7 @@ def test_to_empty_recomputes_position_embedding() -> None:
     real = BACKBONE_REGISTRY.build("prithvi_eo_tiny", img_size=48, num_frames=2)
     with torch.device("meta"):
         enc = BACKBONE_REGISTRY.build("prithvi_eo_tiny", img_size=48, num_frames=2)
-    assert enc.pos_embed.is_meta and "pos_embed" not in enc.state_dict()
+    assert enc.pos_embed.is_meta and "pos_embed" in enc.state_dict()
     enc.to_empty(device="cpu")
     assert torch.equal(enc.pos_embed, real.pos_embed)
     enc.init_weights()
@@ -258,3 +258,37 @@ def test_to_empty_recomputes_position_embedding() -> None:
     # a dtype round trip rebuilds it from its definition instead of keeping a rounded copy
     enc.to(torch.bfloat16).to(torch.float32)
     assert torch.equal(enc.pos_embed, real.pos_embed)
+
+
+def test_pos_embed_is_in_the_state_dict_under_its_official_name_and_loads_without_it() -> None:
+    enc = BACKBONE_REGISTRY.build("prithvi_eo_tiny", img_size=32)
+    sd = enc.state_dict()
+    official = {"pos_embed", "cls_token", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "norm.weight"}
+    assert official <= set(sd) and sd["pos_embed"].shape == (1, 1 + 4, 256)
+    assert torch.equal(sd["pos_embed"], sincos_3d_pos_embed(256, (1, 2, 2)))
+    other = BACKBONE_REGISTRY.build("prithvi_eo_tiny", img_size=32)
+    # round-1 state dicts have no pos_embed; files trained at another img_size have one of another grid
+    without = {k: v for k, v in sd.items() if k != "pos_embed"}
+    other.pos_embed.zero_()
+    assert not other.load_state_dict(without, strict=True).missing_keys
+    assert torch.equal(other.pos_embed, sd["pos_embed"])
+    bigger = BACKBONE_REGISTRY.build("prithvi_eo_tiny", img_size=64).state_dict()
+    other.load_state_dict({**without, "pos_embed": bigger["pos_embed"]}, strict=True)
+    assert torch.equal(other.pos_embed, sd["pos_embed"])
+    # a table of this grid's shape is loaded as stored, as TerraTorch does (official files hold the same values)
+    other.load_state_dict({**without, "pos_embed": sd["pos_embed"] * 2}, strict=True)
+    assert torch.equal(other.pos_embed, sd["pos_embed"] * 2)
+
+
+def test_prepare_features_for_image_model_matches_terratorch_layout() -> None:
+    enc = BACKBONE_REGISTRY.build("prithvi_eo_tiny", img_size=32, num_frames=2).eval()
+    x = torch.randn(1, 6, 2, 32, 64)
+    feats = enc(x)
+    maps = enc.prepare_features_for_image_model(feats, image_size=(32, 64))
+    tokens = feats[0][:, 1:].reshape(1, 2, 2, 4, 256)  # (t, h, w, d)
+    assert maps[0].shape == (1, 512, 2, 4)
+    assert torch.equal(maps[0][0, 256 + 7, 1, 3], tokens[0, 1, 1, 3, 7])  # time folds into channels as (t, d)
+    square = enc.prepare_features_for_image_model(enc(torch.randn(1, 6, 2, 32, 32)))  # TerraTorch's square grid
+    assert square[0].shape == (1, 512, 2, 2)
+    with pytest.raises(ValueError, match=r"cannot arrange 16 tokens into a \(t, h, w\) grid"):
+        enc.prepare_features_for_image_model(feats, image_size=(48, 48))

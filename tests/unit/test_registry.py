@@ -39,6 +39,19 @@ def test_duplicate_name_raises() -> None:
         reg.register(lambda: 2, name="a")
 
 
+@pytest.mark.parametrize("bad", ["UperNetDecoder", 3])
+def test_register_non_callable_is_a_type_error_and_a_registry_error(bad: object) -> None:
+    reg = Registry("decoder")
+    for call in (lambda: reg.register(bad), lambda: reg.register(name="x")(bad)):
+        with pytest.raises(TypeError, match=r"not callable; register a class or a function") as info:
+            call()
+        assert isinstance(info.value, RegistryError)
+    multi = MultiSourceRegistry("decoder", builtin=reg)
+    with pytest.raises(TypeError, match="not callable"):
+        multi.register("UperNetDecoder")  # type: ignore[arg-type]
+    assert reg.names() == []
+
+
 def test_unknown_name_suggests_close_match() -> None:
     reg = Registry("decoder")
     reg.register(lambda: 1, name="UperNetDecoder")

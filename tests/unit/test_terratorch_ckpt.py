@@ -79,7 +79,7 @@ def test_terratorch_checkpoint_loads_strictly(case: str, tmp_path: Path) -> None
     assert not unexpected
     assert all(k.endswith("pos_embed") for k in skipped)  # Prithvi's fixed sin-cos table is recomputed here
     ours = model.state_dict()
-    assert set(mapped) == set(ours)
+    assert set(mapped) == {k for k in ours if not k.endswith("pos_embed")}
     for key, value in mapped.items():
         torch.testing.assert_close(ours[key], value.to(ours[key].dtype), msg=key)
     # the renamed head really received TerraTorch's final conv

@@ -118,7 +118,7 @@ VARIANTS: dict[str, PrithviVariant] = {
 
 _KWARGS = (
     "pretrained", "ckpt_path", "bands", "pretrained_bands", "num_frames", "img_size", "drop_path_rate",
-    "drop_path", "encoder_only", "out_indices", "in_chans",
+    "drop_path", "encoder_only", "out_indices", "in_chans", "in_channels", "coords_encoding", "coords_scale_learn",
 )
 
 
@@ -136,6 +136,9 @@ def build_prithvi(
     encoder_only: bool = True,
     out_indices: Sequence[int] | None = None,
     in_chans: int | None = None,
+    in_channels: int | None = None,
+    coords_encoding: Sequence[str] | None = None,
+    coords_scale_learn: bool | None = None,
     **unsupported: Any,
 ) -> PrithviViT:
     """Build a Prithvi-EO-2.0 encoder (the registered names call this with their variant).
@@ -153,7 +156,12 @@ def build_prithvi(
         drop_path_rate: stochastic depth, same rate in every block. ``drop_path`` is TerraTorch's name for it.
         encoder_only: must be True (the MAE decoder is not built).
         out_indices: blocks whose outputs forward returns (default all).
-        in_chans: accepted only if equal to ``len(bands)`` (older configs pass it).
+        in_chans: accepted only if equal to ``len(bands)`` (older configs pass it); ``in_channels`` is
+            TerraTorch's name for it.
+        coords_encoding: ``["time"]``, ``["location"]``, both or ``[]``; default the variant's (both for ``_tl``).
+            A checkpoint without the encodings (non-``_tl``) leaves them at their initial scale, as TerraTorch.
+        coords_scale_learn: learnable coordinate scales; default True for ``_tl`` variants, else False (a fixed
+            1.0), TerraTorch's defaults.
 
     Raises:
         TypeError: an argument this builder does not take.
@@ -176,6 +184,13 @@ def build_prithvi(
     rate = drop_path_rate if drop_path_rate is not None else (drop_path or 0.0)
     model_bands = normalize_bands(bands, "bands")
     ckpt_bands = normalize_bands(pretrained_bands, "pretrained_bands")
+    if in_chans is not None and in_channels is not None and in_chans != in_channels:
+        raise ValueError(f"{variant}: in_chans={in_chans} and in_channels={in_channels} disagree; give one of them")
+    in_chans = in_chans if in_chans is not None else in_channels
+    coords = spec.coords if coords_encoding is None else tuple(coords_encoding)
+    if isinstance(coords_encoding, str):
+        raise ValueError(f"{variant}: coords_encoding must be a list such as ['time', 'location'], got {coords_encoding!r}")
+    scale_learn = bool(spec.coords) if coords_scale_learn is None else bool(coords_scale_learn)
     if in_chans is not None and in_chans != len(model_bands):
         raise ValueError(
             f"{variant}: in_chans={in_chans} disagrees with the {len(model_bands)} bands {model_bands}; the channel "
@@ -213,11 +228,13 @@ def build_prithvi(
             img_size=img_size,
             num_frames=num_frames,
             mlp_ratio=spec.mlp_ratio,
-            coords_encoding=spec.coords,
+            coords_encoding=coords,
+            coords_scale_learn=scale_learn,
             drop_path_rate=float(rate),
             out_indices=out_indices,
             variant=variant,
         )
+    encoder.coords_added = bool(set(coords) - set(spec.coords))
     if source is not None and path is not None:
         encoder.to_empty(device=device)
         load_checkpoint_into(encoder, source, path)

@@ -2,13 +2,19 @@
 builds on the meta device).
 
 Forward: ``[B, C, T, H, W]`` (or ``[B, C, H, W]`` when ``num_frames == 1``) -> one ``[B, 1 + N, D]`` tensor per
-selected block, the last one after the final LayerNorm. ``pos_embed`` is a non-persistent buffer: it is not in
-the state dict and is recomputed whenever the module's tensors are re-created (``to_empty`` after a meta build,
-``.to(dtype)``), so a materialised model never carries uninitialised position embeddings.
+selected block, the last one after the final LayerNorm.
+
+``pos_embed`` is a persistent buffer under its official name, so a state dict from here loads ``strict=True`` into
+TerraTorch's Prithvi and the official loader. It is a fixed function of the grid: it is recomputed whenever the
+module's tensors are re-created (``to_empty`` after a meta build, ``.to(dtype)``). A state dict that holds it for this grid
+loads it as TerraTorch does; one that lacks it (round-1 run checkpoints, adapter-only files) or holds one for
+another grid (a checkpoint trained at another ``img_size``) still loads, with this grid's table.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,6 +26,8 @@ from encdec.models.backbones.prithvi_layers import Block, LocationEncoder, Patch
 from encdec.models.backbones.prithvi_pos import interpolate_pos_embed, sincos_3d_pos_embed
 
 __all__ = ["PrithviViT"]
+
+LOG = logging.getLogger(__name__)
 
 COORDS = ("time", "location")
 
@@ -44,13 +52,15 @@ class PrithviViT(nn.Module):
         img_size: (H, W) the position embedding is built for; other sizes are interpolated at run time.
         num_frames: frames T per sample.
         mlp_ratio: MLP hidden width / D.
-        coords_encoding: subset of ``("time", "location")``: learnable-scale coordinate encodings.
+        coords_encoding: subset of ``("time", "location")``: coordinate encodings.
+        coords_scale_learn: their scale is learnable (starts at 0.1; the ``_tl`` variants) or a fixed 1.0.
         drop_path_rate: stochastic-depth rate, the same for every block (as in TerraTorch's ``drop_path``).
         out_indices: which block outputs forward returns (default: all, in order); negative indices allowed.
         variant: registry name, informative only.
     """
 
-    pos_embed: Tensor  # non-persistent buffer [1, 1 + t*h*w, D], registered in __init__
+    pos_embed: Tensor  # persistent buffer [1, 1 + t*h*w, D], registered in __init__
+    recomputed_buffers = ("pos_embed",)  # see encdec.models.model.recomputed_state_keys
 
     def __init__(
         self,
@@ -64,6 +74,7 @@ class PrithviViT(nn.Module):
         num_frames: int = 1,
         mlp_ratio: float = 4.0,
         coords_encoding: Sequence[str] = (),
+        coords_scale_learn: bool = True,
         drop_path_rate: float = 0.0,
         out_indices: Sequence[int] | None = None,
         variant: str | None = None,
@@ -104,15 +115,17 @@ class PrithviViT(nn.Module):
         self.out_channels: list[int] = [embed_dim * self.grid[0]] * len(self.out_indices)
         # A checkpoint to load once the tensors are real (set by the builder for meta builds).
         self.pending_checkpoint: Any = None
+        # Coordinate encodings a config added to a variant pretrained without them (set by the builder): its
+        # checkpoint lacks their scales, which then keep their initial value.
+        self.coords_added = False
 
         self.patch_embed = PatchEmbed3D(self.in_chans, embed_dim, self.patch_size)
         if self.temporal_encoding:
-            self.temporal_embed_enc = TemporalEncoder(embed_dim)
+            self.temporal_embed_enc = TemporalEncoder(embed_dim, coords_scale_learn)
         if self.location_encoding:
-            self.location_embed_enc = LocationEncoder(embed_dim)
+            self.location_embed_enc = LocationEncoder(embed_dim, coords_scale_learn)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], embed_dim),
-                             persistent=False)
+        self.register_buffer("pos_embed", torch.zeros(1, 1 + self.grid[0] * self.grid[1] * self.grid[2], embed_dim))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, float(drop_path_rate)) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         if not self.is_meta:
@@ -164,7 +177,7 @@ class PrithviViT(nn.Module):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
                 elif isinstance(m, (TemporalEncoder, LocationEncoder)):
-                    m.scale.fill_(0.1)
+                    m.scale.fill_(0.1 if m.trainable_scale else 1.0)
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> PrithviViT:  # type: ignore[override]
         # ``to_empty`` (and ``.to``/``.half``) go through here; a re-created pos_embed holds garbage or a rounded
@@ -172,6 +185,62 @@ class PrithviViT(nn.Module):
         super()._apply(fn, recurse)
         self.reset_pos_embed()
         return self
+
+    def _load_from_state_dict(  # type: ignore[override]
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # ``state_dict`` is load_state_dict's own copy. Like TerraTorch, a stored table of this grid's shape is loaded
+        # (official files hold the same sin-cos values); a missing one (round-1 run checkpoints, adapter-only files)
+        # or one built for another grid (a file trained at another img_size) is replaced by this grid's table.
+        key = prefix + "pos_embed"
+        stored = state_dict.get(key)
+        if not (isinstance(stored, Tensor) and stored.shape == self.pos_embed.shape):
+            if stored is not None:
+                LOG.info("%s has shape %s; recomputed for this encoder's grid %s", key,
+                         tuple(getattr(stored, "shape", ())), self.grid)
+            device = stored.device if isinstance(stored, Tensor) and not stored.is_meta else self.pos_embed.device
+            fresh = sincos_3d_pos_embed(self.embed_dim, self.grid, device=device, dtype=torch.float32)
+            state_dict[key] = fresh.to(self.pos_embed.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def prepare_features_for_image_model(
+        self, features: list[Tensor], image_size: tuple[int, int] | None = None
+    ) -> list[Tensor]:
+        """Tokens -> maps, as TerraTorch's ``PrithviViT.prepare_features_for_image_model`` (used by the factory's
+        models when no neck is given): drop the cls token and fold time into channels,
+        ``[B, 1 + t*h*w, D] -> [B, t*D, h, w]``.
+
+        TerraTorch assumes a square grid with the configured number of frames; with ``image_size`` (the padded
+        input's H, W, which the factory's models pass) the real grid is used, so non-square inputs work too.
+        """
+        _, ph, pw = self.patch_size
+        out = []
+        for i, x in enumerate(features):
+            if x.dim() != 3:
+                raise ValueError(f"feature {i} has shape {tuple(x.shape)}; expected Prithvi tokens [B, 1 + N, D]")
+            tokens = x[:, 1:]
+            b, n, d = tokens.shape
+            if image_size is not None:
+                gh, gw = int(image_size[0]) // ph, int(image_size[1]) // pw
+                t = n // max(gh * gw, 1)
+            else:
+                t = self.grid[0]
+                gh = gw = math.isqrt(n // t)
+            if t < 1 or t * gh * gw != n:
+                raise ValueError(
+                    f"cannot arrange {n} tokens into a (t, h, w) grid (image_size={image_size}, patch_size="
+                    f"{self.patch_size}); pass the image size the encoder saw"
+                )
+            out.append(tokens.reshape(b, t, gh, gw, d).permute(0, 1, 4, 2, 3).reshape(b, t * d, gh, gw))
+        return out
 
     # -- forward ---------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor) -> Tensor:

@@ -135,14 +135,21 @@ class Block(nn.Module):
 class TemporalEncoder(nn.Module):
     """``scale * [sincos(year) | sincos(day of year)]`` per frame, repeated over the frame's tokens.
 
-    The scale is learnable and starts at 0.1 so a pretrained encoder is barely disturbed at first.
+    With ``trainable_scale`` (the ``_tl`` variants) the scale is learnable and starts at 0.1 so a pretrained encoder
+    is barely disturbed at first; otherwise it is a fixed buffer of 1.0, as TerraTorch's ``coords_scale_learn=False``.
     """
 
-    def __init__(self, embed_dim: int) -> None:
+    scale: Tensor
+
+    def __init__(self, embed_dim: int, trainable_scale: bool = True) -> None:
         super().__init__()
         self.year_dim = embed_dim // 2
         self.day_dim = embed_dim - self.year_dim
-        self.scale = nn.Parameter(torch.full((1,), 0.1))
+        self.trainable_scale = trainable_scale
+        if trainable_scale:
+            self.scale = nn.Parameter(torch.full((1,), 0.1))
+        else:
+            self.register_buffer("scale", torch.ones(1))
 
     def forward(self, temporal_coords: Tensor, tokens_per_frame: int) -> Tensor:
         """``temporal_coords [B, T, 2]`` (year, day of year) -> ``[B, T * tokens_per_frame, D]``."""
@@ -154,13 +161,20 @@ class TemporalEncoder(nn.Module):
 
 
 class LocationEncoder(nn.Module):
-    """``scale * [sincos(lat) | sincos(lon)]``, one vector per sample added to every token (scale init 0.1)."""
+    """``scale * [sincos(lat) | sincos(lon)]``, one vector per sample added to every token (scale as in
+    ``TemporalEncoder``)."""
 
-    def __init__(self, embed_dim: int) -> None:
+    scale: Tensor
+
+    def __init__(self, embed_dim: int, trainable_scale: bool = True) -> None:
         super().__init__()
         self.lat_dim = embed_dim // 2
         self.lon_dim = embed_dim - self.lat_dim
-        self.scale = nn.Parameter(torch.full((1,), 0.1))
+        self.trainable_scale = trainable_scale
+        if trainable_scale:
+            self.scale = nn.Parameter(torch.full((1,), 0.1))
+        else:
+            self.register_buffer("scale", torch.ones(1))
 
     def forward(self, location_coords: Tensor) -> Tensor:
         """``location_coords [B, 2]`` (lat, lon) -> ``[B, 1, D]``."""

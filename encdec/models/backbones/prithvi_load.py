@@ -338,6 +338,9 @@ def _dtensor_loading(module: nn.Module) -> Iterator[None]:
             h.remove()
 
 
+_COORD_PREFIXES = ("temporal_embed_enc.", "location_embed_enc.")
+
+
 def _fail(path: str, variant: str, missing: list[str], unexpected: list[str], misshapen: list[str]) -> None:
     def show(keys: list[str]) -> str:
         more = f" ... and {len(keys) - _SHOW} more" if len(keys) > _SHOW else ""
@@ -391,7 +394,16 @@ def load_checkpoint_into(encoder: PrithviViT, source: CheckpointSource, path: Pa
     unexpected += more_unexpected
 
     def provided(key: str) -> bool:
-        return key in routed or any(m in key for m in ADAPTER_MARKERS) or any(key.startswith(p) for p in split)
+        return (
+            key in routed
+            or key in encoder.recomputed_buffers  # pos_embed: recomputed for this grid, never read
+            # coordinate encodings a config adds to a variant trained without them (TerraTorch loads non-strictly
+            # there); a _tl variant still needs them in its file
+            or (key.startswith(_COORD_PREFIXES) and encoder.coords_added and not any(
+                k.startswith(_COORD_PREFIXES) for k in routed))
+            or any(m in key for m in ADAPTER_MARKERS)
+            or any(key.startswith(p) for p in split)
+        )
 
     missing = [k for k in target if not provided(k)]
     if missing or unexpected or misshapen:
@@ -406,6 +418,12 @@ def load_checkpoint_into(encoder: PrithviViT, source: CheckpointSource, path: Pa
     if late_missing or result.unexpected_keys:
         _fail(str(path), variant, late_missing, list(result.unexpected_keys), [])
     encoder.reset_pos_embed()
+    if encoder.coords_added and not any(k.startswith(_COORD_PREFIXES) for k in routed):
+        with torch.no_grad():  # materialised from meta: give the encodings the file lacks their initial scale
+            for name in ("temporal_embed_enc", "location_embed_enc"):
+                module = getattr(encoder, name, None)
+                if module is not None:
+                    module.scale.fill_(0.1 if module.trainable_scale else 1.0)
     logger.info("prithvi: loaded %s into the %s encoder", path, variant)
     return path
 
