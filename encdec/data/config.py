@@ -8,8 +8,12 @@ in builder functions). Every key read here is listed in ``DATA_KEYS`` / ``SPLIT_
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ValidationError
+
+from encdec.config.data_layout import PixelLayout, SplitLayout
 
 # Prithvi-EO-2.0 HLS statistics (REFERENCE.md, reflectance x 1e4), the defaults for the six HLS bands.
 HLS_BANDS: tuple[str, ...] = ("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2")
@@ -18,9 +22,10 @@ HLS_STDS: tuple[float, ...] = (2248.0, 2179.0, 2178.0, 1850.0, 1242.0, 1049.0)
 
 DATA_KEYS = (
     "train", "val", "test", "bands", "means", "stds", "img_size", "num_frames", "global_batch_size", "augment",
-    "max_bad_fraction", "reader", "location_coords", "feed",
+    "max_bad_fraction", "reader", "location_coords", "feed", *PixelLayout.model_fields,
 )
-SPLIT_KEYS = ("tiles", "manifest", "scenes", "stride", "image_suffix", "mask_suffix", "split")
+SPLIT_KEYS = ("tiles", "manifest", "scenes", "stride", "image_suffix", "mask_suffix", "split",
+              *SplitLayout.model_fields)
 AUGMENT_KEYS = ("hflip", "vflip", "rot90", "random_crop")
 READER_KEYS = ("threads", "prefetch_batches", "ray_cpus_per_task", "ray_prefetch_batches")
 
@@ -50,6 +55,7 @@ class SplitSpec:
     image_suffix: str = "_img.tif"
     mask_suffix: str | None = "_mask.tif"
     split: str | None = None
+    layout: SplitLayout | None = None  # image/label folders + globs + split file (encdec.config.data_layout)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,19 @@ class DataSpec:
     max_bad_fraction: float
     reader: ReaderSpec
     location_coords: bool = False
+    pixels: PixelLayout = field(default_factory=PixelLayout)  # dataset_bands, constant_scale, nodata replacement, min_valid_fraction
+
+
+def _layout(path: str, model: type[Any], raw: Mapping[str, Any]) -> Any:
+    """Validate the layout keys of ``raw`` with their pydantic model; errors name the field and the value."""
+    given = {k: raw[k] for k in model.model_fields if k in raw}
+    try:
+        return model(**given)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise DataConfigError(f"{path}.{field}={first.get('input')!r} is not valid: {first['msg']}. "
+                              f"Fix: see the field's description in encdec/config/data_layout.py.") from e
 
 
 def _fail(path: str, value: Any, allowed: str, fix: str) -> DataConfigError:
@@ -132,6 +151,7 @@ def parse_split(name: str, raw: Any) -> SplitSpec:
     if not isinstance(raw, Mapping):
         raise _fail(path, raw, "a mapping {tiles|manifest|scenes: ...} or a path", f"set {path}.tiles: /my/tiles")
     _check_keys(path, raw, SPLIT_KEYS)
+    layout = _layout(path, SplitLayout, raw) if raw.get("image_root") else None
     spec = SplitSpec(
         tiles=_as_paths(f"{path}.tiles", raw.get("tiles")),
         manifest=raw.get("manifest"),
@@ -140,10 +160,12 @@ def parse_split(name: str, raw: Any) -> SplitSpec:
         image_suffix=raw.get("image_suffix", "_img.tif"),
         mask_suffix=raw.get("mask_suffix", "_mask.tif"),
         split=raw.get("split", name),
+        layout=layout,
     )
-    given = [k for k in ("tiles", "manifest", "scenes") if raw.get(k)]
+    given = [k for k in ("tiles", "manifest", "scenes", "image_root") if raw.get(k)]
     if len(given) != 1:
-        raise _fail(path, dict(raw), "exactly one of tiles, manifest, scenes", f"keep one source under {path}")
+        raise _fail(path, dict(raw), "exactly one of tiles, manifest, scenes, image_root",
+                    f"keep one source under {path}")
     if spec.stride is not None and (not isinstance(spec.stride, int) or spec.stride <= 0):
         raise _fail(f"{path}.stride", spec.stride, "a positive integer (pixels)", "e.g. stride: 224")
     return spec
@@ -178,7 +200,14 @@ def parse_data_config(cfg: Mapping[str, Any]) -> DataSpec:
         if isinstance(b, bool) or not isinstance(b, (int, str)) or (isinstance(b, int) and b < 0):
             raise _fail("data.bands", raw_bands, "names (str) or 0-based indexes (int >= 0)", "bands: [BLUE, 3]")
     bands = tuple(raw_bands)
-    default_stats = tuple(str(b).upper() for b in bands) == HLS_BANDS
+    pixels = _layout("data", PixelLayout, cfg)
+    if pixels.dataset_bands is not None:
+        missing = [b for b in bands if b not in pixels.dataset_bands]
+        if missing:
+            raise _fail("data.bands", list(bands), f"names from data.dataset_bands {pixels.dataset_bands}",
+                        f"remove or rename {missing}, or add them to data.dataset_bands")
+    # The HLS statistics are in the files' units (reflectance x 1e4): they cannot be defaults for scaled values.
+    default_stats = tuple(str(b).upper() for b in bands) == HLS_BANDS and pixels.constant_scale == 1.0
     means = cfg.get("means") or (list(HLS_MEANS) if default_stats else None)
     stds = cfg.get("stds") or (list(HLS_STDS) if default_stats else None)
     if means is None or stds is None:
@@ -217,4 +246,5 @@ def parse_data_config(cfg: Mapping[str, Any]) -> DataSpec:
         max_bad_fraction=float(frac),
         reader=reader,
         location_coords=bool(cfg.get("location_coords", False)),
+        pixels=pixels,
     )

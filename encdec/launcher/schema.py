@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from encdec.config.data_layout import PixelLayout, SplitLayout
+
 __all__ = [
     "ClusterSection",
     "DataSection",
@@ -190,8 +192,8 @@ class SyntheticSpec(Section):
                                                 "landcover (5 classes).")
 
 
-class DataSource(Section):
-    """Where one split's samples come from: tile pairs, a manifest, or large scenes to chip."""
+class DataSource(SplitLayout, Section):
+    """Where one split's samples come from: tile pairs, a manifest, large scenes to chip, or image/label folders."""
 
     tiles: str | list[str] | None = Field(
         None, description="Folder(s) or glob(s) of image tiles; masks are paired by image_suffix -> mask_suffix."
@@ -214,8 +216,9 @@ class DataSource(Section):
     def _exactly_one(self) -> DataSource:
         from pydantic_core import PydanticCustomError
 
-        if sum(bool(v) for v in (self.tiles, self.manifest, self.scenes)) != 1:
-            raise PydanticCustomError("data_source", "give exactly one of 'tiles', 'manifest' or 'scenes'", {})
+        if sum(bool(v) for v in (self.tiles, self.manifest, self.scenes, self.image_root)) != 1:
+            raise PydanticCustomError("data_source", "give exactly one of 'tiles', 'manifest', 'scenes' or "
+                                      "'image_root'", {})
         if self.synthetic is not None and not isinstance(self.tiles, str):
             raise PydanticCustomError("data_source", "'synthetic' needs 'tiles' to be one folder to write into", {})
         return self
@@ -223,7 +226,7 @@ class DataSource(Section):
     def plain(self) -> dict[str, Any]:
         """The split as the data package reads it (unset optional keys left out)."""
         out = self.model_dump(mode="python", exclude={"synthetic"})
-        return {k: v for k, v in out.items() if v is not None or k == "mask_suffix"}
+        return {k: v for k, v in out.items() if v is not None or k in ("mask_suffix", "label_glob")}
 
 
 class AugmentSection(Section):
@@ -244,7 +247,7 @@ class ReaderSection(Section):
     ray_prefetch_batches: int = Field(2, ge=1, description="Batches prefetched per worker (feed ray_data).")
 
 
-class DataSection(Section):
+class DataSection(PixelLayout, Section):
     """The data: sources, bands, statistics, tile size, global batch and augmentation."""
 
     train: DataSource = Field(description="Training samples.")
