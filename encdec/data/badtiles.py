@@ -41,6 +41,22 @@ class TooManyBadTilesError(RuntimeError):
     """More bad tiles than ``data.max_bad_fraction`` allows."""
 
 
+def recurs(error: BaseException) -> bool:
+    """Whether an error is a deterministic data error that a retry would meet again (a setting that cannot work,
+    too many bad tiles): the launcher fails the run at once instead of restarting the workers. The cause chain
+    is searched, so a wrapped data error counts too."""
+    from encdec.data.config import DataConfigError
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, (DataConfigError, TooManyBadTilesError)):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class BadTileTracker:
     """Counts bad and empty tiles per reason, enforces the ceiling on bad ones, and lists every skip.
 
