@@ -7,6 +7,7 @@ from typing import Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from encdec.config.base import Section
+from encdec.config.data_layout import PixelLayout, SplitLayout
 from encdec.config.names import HLS_BANDS, HLS_MEANS, HLS_STDS
 
 __all__ = ["AugmentSection", "DataSection", "DataSource", "ReaderSection", "SyntheticSpec", "SYNTHETIC_KINDS"]
@@ -31,8 +32,9 @@ class SyntheticSpec(Section):
                                                 "landcover (5 classes).")
 
 
-class DataSource(Section):
-    """Where one split's samples come from: tile pairs, a manifest, or large scenes to chip."""
+class DataSource(SplitLayout, Section):
+    """Where one split's samples come from: tile pairs, a manifest, large scenes to chip, or image/label folders
+    (``image_root`` and the other ``SplitLayout`` fields: TerraTorch's generic layout)."""
 
     tiles: str | list[str] | None = Field(
         None, description="Folder(s) or glob(s) of image tiles; masks are paired by image_suffix -> mask_suffix."
@@ -55,11 +57,19 @@ class DataSource(Section):
     def _exactly_one(self) -> DataSource:
         from pydantic_core import PydanticCustomError
 
-        if sum(bool(v) for v in (self.tiles, self.manifest, self.scenes)) != 1:
-            raise PydanticCustomError("data_source", "give exactly one of 'tiles', 'manifest' or 'scenes'", {})
+        if sum(bool(v) for v in (self.tiles, self.manifest, self.scenes, self.image_root)) != 1:
+            raise PydanticCustomError("data_source", "give exactly one of 'tiles', 'manifest', 'scenes' or "
+                                      "'image_root'", {})
         if self.synthetic is not None and not isinstance(self.tiles, str):
             raise PydanticCustomError("data_source", "'synthetic' needs 'tiles' to be one folder to write into", {})
         return self
+
+    @property
+    def layout(self) -> SplitLayout | None:
+        """The image/label-folder layout of this split, None when it names tiles, a manifest or scenes."""
+        if not self.image_root:
+            return None
+        return SplitLayout(**{k: getattr(self, k) for k in SplitLayout.model_fields})
 
     @property
     def tile_paths(self) -> tuple[str, ...]:
@@ -95,8 +105,9 @@ class ReaderSection(Section):
     ray_prefetch_batches: int = Field(2, ge=1, description="Batches prefetched per worker (feed ray_data).")
 
 
-class DataSection(Section):
-    """The data: sources, bands, statistics, tile size, global batch and augmentation."""
+class DataSection(PixelLayout, Section):
+    """The data: sources, bands, statistics, tile size, global batch and augmentation; how file values become
+    model inputs (``dataset_bands``, ``constant_scale``, nodata replacement: the ``PixelLayout`` fields)."""
 
     train: DataSource = Field(description="Training samples.")
     val: DataSource | None = Field(None, description="Held-out samples for validation (one pass, no augmentation).")
@@ -163,6 +174,11 @@ class DataSection(Section):
             raise ValueError(f"data split {name!r} is not one of train, val, test")
         source: DataSource | None = getattr(self, name)
         return source
+
+    @property
+    def pixels(self) -> PixelLayout:
+        """The pixel settings alone (what the reader and the shared preprocessing need)."""
+        return PixelLayout(**{k: getattr(self, k) for k in PixelLayout.model_fields})
 
     @property
     def uses_hls_stats(self) -> bool:

@@ -112,11 +112,12 @@ class SampleLoader:
             arrays["location_coords"][i] = result.location
         return None
 
-    def load(self, arrays: dict[str, np.ndarray], i: int, epoch: int, sample_id: int) -> None:
-        """``read_into`` and count a bad sample (raising past the ``max_bad_fraction`` ceiling)."""
+    def load(self, arrays: dict[str, np.ndarray], i: int, epoch: int, sample_id: int, step: int | None = None) -> None:
+        """``read_into`` and count a bad sample (raising past the ``max_bad_fraction`` ceiling); ``step`` is the
+        optimizer step the batch is for (written into ``skipped_tiles.csv``)."""
         error = self.read_into(arrays, i, epoch, sample_id)
         if error is not None:
-            self.tracker.record(self.samples[sample_id].key, error)
+            self.tracker.record(self.samples[sample_id].key, error, step)
 
 
 def read_batch(loader: SampleLoader, epochs: np.ndarray, ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:

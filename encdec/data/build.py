@@ -11,13 +11,14 @@ from encdec.data.badtiles import BadTileError, BadTileTracker
 from encdec.data.batch import BatchLayout, SampleLoader
 from encdec.data.config import DataConfigError
 from encdec.data.feed import TileIterator
-from encdec.data.normalize import Normalizer
 from encdec.data.plan import FeedPlan
+from encdec.data.preprocess import make_normalizer
 from encdec.data.readers import GDAL_OPTIONS, TileReader
 from encdec.data.sources import Sample, describe, list_samples
 
 LOG = logging.getLogger("encdec.data")
 FEEDS = ("reader", "ray")
+SKIPPED_CSV = "skipped_tiles.csv"  # in the run directory: file,reason,rank,step,detail of every skipped tile
 
 
 def _probe(samples: list[Sample], reader: TileReader, where: str) -> str:
@@ -33,17 +34,28 @@ def _probe(samples: list[Sample], reader: TileReader, where: str) -> str:
     )
 
 
-def make_loader(spec: DataSection, samples: list[Sample], *, split: str, plan: FeedPlan) -> SampleLoader:
-    """The per-sample reader of one split on one rank (shared by both feeds)."""
+def make_reader(spec: DataSection, target: str = "none") -> TileReader:
+    """The tile reader the recipe describes: bands, statistics and the pixel layout (``data.dataset_bands``,
+    ``constant_scale``, ``no_data_replace``, ``no_label_replace``, ``min_valid_fraction``)."""
+    px = spec.pixels
+    try:
+        normalizer = make_normalizer(spec)
+    except ValueError as err:
+        raise DataConfigError(str(err)) from None
+    return TileReader(bands=tuple(spec.bands), normalizer=normalizer, img_size=spec.img_size,
+                      num_frames=spec.num_frames, target=target, location_coords=spec.location_coords,
+                      dataset_bands=px.dataset_bands, no_label_replace=px.no_label_replace,
+                      min_valid_fraction=px.min_valid_fraction)
+
+
+def make_loader(spec: DataSection, samples: list[Sample], *, split: str, plan: FeedPlan,
+                run_dir: str | None = None) -> SampleLoader:
+    """The per-sample reader of one split on one rank (shared by both feeds); skips are listed in
+    ``<run_dir>/skipped_tiles.csv`` when ``run_dir`` is given."""
     for key, value in GDAL_OPTIONS.items():
         os.environ.setdefault(key, value)  # GDAL falls back to the environment for config options
     where = f"data.{split}"
-    try:
-        means, stds = spec.stats()
-    except ValueError as err:
-        raise DataConfigError(str(err)) from None
-    reader = TileReader(bands=tuple(spec.bands), normalizer=Normalizer(means, stds), img_size=spec.img_size,
-                        num_frames=spec.num_frames, target="none", location_coords=spec.location_coords)
+    reader = make_reader(spec)
     reader.target = _probe(samples, reader, where)
     labels = [s.label for s in samples if s.label is not None]
     layout = BatchLayout(
@@ -57,13 +69,14 @@ def make_loader(spec: DataSection, samples: list[Sample], *, split: str, plan: F
         location=spec.location_coords or all(s.location is not None for s in samples),
     )
     reads = plan.num_samples // plan.world_size if plan.train else -(-plan.num_samples // plan.world_size)
-    tracker = BadTileTracker(reads, spec.max_bad_fraction, split)
+    csv_path = None if run_dir is None else os.path.join(run_dir, SKIPPED_CSV)
+    tracker = BadTileTracker(reads, spec.max_bad_fraction, split, rank=plan.rank, skipped_csv=csv_path)
     augment = spec.augment if plan.train and spec.augment.any else None
     return SampleLoader(samples, reader, layout, augment, plan.seed, tracker)
 
 
 def build_iterator(data: DataSection, *, split: str = "train", rank: int = 0, world_size: int = 1,
-                   grad_accum: int = 1, seed: int = 0, feed: str | None = None) -> Any:
+                   grad_accum: int = 1, seed: int = 0, feed: str | None = None, run_dir: str | None = None) -> Any:
     """Build this rank's micro-batch iterator over one split.
 
     Args:
@@ -75,6 +88,7 @@ def build_iterator(data: DataSection, *, split: str = "train", rank: int = 0, wo
         seed: Run seed (permutations and augmentations derive from it).
         feed: ``reader`` (prefetching threads in this process, exact) or ``ray`` (Ray Data decode tasks, exact;
             see ``encdec.data.ray_feed``); None: ``data.feed``.
+        run_dir: The run directory: skipped tiles are appended to its ``skipped_tiles.csv`` (``None``: no file).
 
     Returns:
         A ``TileIterator`` (or ``RayTileIterator``) with ``state_dict``/``load_state_dict``/``close``.
@@ -95,7 +109,7 @@ def build_iterator(data: DataSection, *, split: str = "train", rank: int = 0, wo
     samples = list_samples(source, img_size=spec.img_size, where=f"data.{split}", split=split)
     plan = FeedPlan(num_samples=len(samples), global_batch_size=spec.global_batch_size, world_size=world_size,
                     rank=rank, grad_accum=grad_accum, seed=seed, train=split == "train")
-    loader = make_loader(spec, samples, split=split, plan=plan)
+    loader = make_loader(spec, samples, split=split, plan=plan, run_dir=run_dir)
     LOG.info("data.%s rank %d/%d: %s, micro-batch %d, feed %s", split, rank, world_size, describe(samples),
              plan.micro_batch, feed)
     if feed == "ray":

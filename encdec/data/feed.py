@@ -97,7 +97,7 @@ class TileIterator(PlannedIterator):
         epochs, ids = self.plan.micro_positions(micro)
         arrays = self.loader.layout.allocate()
         futures = [
-            self._pool.submit(self.loader.load, arrays, i, int(e), int(sid))
+            self._pool.submit(self.loader.load, arrays, i, int(e), int(sid), micro // self.plan.grad_accum)
             for i, (e, sid) in enumerate(zip(epochs.tolist(), ids.tolist()))
         ]
         self._pending.append((micro, arrays, futures))

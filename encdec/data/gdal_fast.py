@@ -81,11 +81,15 @@ def _bind(lib: Any) -> Any:
         "CPLPopErrorHandler": (None, []),
         "CPLGetLastErrorMsg": (c_char_p, []),
         "CPLGetLastErrorType": (c_int, []),
+        "GDALVersionInfo": (c_char_p, [c_char_p]),
     }
     for name, (restype, argtypes) in sig.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
     lib.quiet_handler = ctypes.cast(lib.CPLQuietErrorHandler, c_void_p)
+    # GDAL >= 3.7 has a signed 8-bit type (GDT_Int8) and warns once per band when asked for the old PIXELTYPE
+    # marker ("PIXELTYPE=SIGNEDBYTE is no longer used"): ask only older GDALs.
+    lib.legacy_signed_bytes = int(lib.GDALVersionInfo(b"VERSION_NUM") or 0) < 3070000
     return lib
 
 
@@ -195,7 +199,7 @@ class GdalDataset:
             raise _error(lib, f"{path}: cannot get its bands")
         gdts = [lib.GDALGetRasterDataType(b) for b in bands]
         self.dtypes = tuple(_GDT_TO_NUMPY.get(t, "") for t in gdts)
-        if 1 in gdts and any(lib.GDALGetMetadataItem(b, b"PIXELTYPE", b"IMAGE_STRUCTURE") == b"SIGNEDBYTE"
+        if 1 in gdts and getattr(lib, "legacy_signed_bytes", True) and any(lib.GDALGetMetadataItem(b, b"PIXELTYPE", b"IMAGE_STRUCTURE") == b"SIGNEDBYTE"
                              for b in bands):
             self.dtypes = ("",) * self.count  # legacy signed bytes (pre-Int8 GDAL): rasterio maps them itself
         self.descriptions = tuple((lib.GDALGetDescription(b) or b"").decode("utf-8", "replace") or None

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from encdec.data.badtiles import REASONS, BadTileError
+from encdec.data.badtiles import EMPTY_REASONS, REASONS, BadTileError, EmptyTileError
 from encdec.data.batch import SampleLoader, read_batch, to_torch
 from encdec.data.plan import FeedPlan
 from encdec.data.position import PlannedIterator
@@ -127,7 +127,9 @@ class RayTileIterator(PlannedIterator):
         for i in np.flatnonzero(bad):
             sample = self.loader.samples[int(got[i])]
             reason = REASONS[int(bad[i]) - 1]
-            self.loader.tracker.record(sample.key, BadTileError(sample.images[0], reason, "details in the Ray log"))
+            kind = EmptyTileError if reason in EMPTY_REASONS else BadTileError
+            self.loader.tracker.record(sample.key, kind(sample.images[0], reason, "details in the Ray log"),
+                                       self._micro // self.plan.grad_accum)
         self._micro += 1
         self._stream_micro += 1
         # Ray hands out read-only views of its blocks; the trainer gets its own writable copy.

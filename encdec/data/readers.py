@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from encdec.data import augment as aug
-from encdec.data.badtiles import BadTileError
+from encdec.data.badtiles import BadTileError, EmptyTileError
 from encdec.data.gdal_fast import GdalDataset
 from encdec.data.normalize import Normalizer
 from encdec.data.sources import Sample
@@ -63,7 +63,7 @@ def mark_nodata(bands: np.ndarray, nodata: Any, invalid: np.ndarray, scratch: np
 
 
 def resolve_bands(requested: Sequence[int | str], descriptions: Sequence[str | None], count: int,
-                  path: str) -> tuple[int, ...]:
+                  path: str, dataset_bands: Sequence[int | str] | None = None) -> tuple[int, ...]:
     """Map ``data.bands`` entries (0-based indexes or description names) to rasterio's 1-based band indexes.
 
     Args:
@@ -71,10 +71,24 @@ def resolve_bands(requested: Sequence[int | str], descriptions: Sequence[str | N
         descriptions: The file's band descriptions (one band group when frames are stacked as band groups).
         count: Bands available (in one group).
         path: File, for messages.
+        dataset_bands: ``data.dataset_bands``: the file's bands named in order (then ``requested`` entries are
+            looked up in it, as TerraTorch's ``output_bands`` in ``dataset_bands``; descriptions are not used).
 
     Raises:
         BadTileError: (``band-name``/``band-count``) when a band is missing from this file.
     """
+    if dataset_bands is not None:
+        if count != len(dataset_bands):
+            raise BadTileError(path, "band-count", f"{count} bands per frame, data.dataset_bands names "
+                                                   f"{len(dataset_bands)}")
+        keys = [d.upper() if isinstance(d, str) else d for d in dataset_bands]
+        picked = []
+        for b in requested:
+            key = b.upper() if isinstance(b, str) else b
+            if key not in keys:
+                raise BadTileError(path, "band-name", f"band {b!r} is not in data.dataset_bands {list(dataset_bands)}")
+            picked.append(keys.index(key) + 1)
+        return tuple(picked)
     names = {d.strip().upper(): i for i, d in reversed(list(enumerate(descriptions))) if d}
     out = []
     for b in requested:
@@ -177,7 +191,9 @@ class TileReader:
     """
 
     def __init__(self, *, bands: Sequence[int | str], normalizer: Normalizer, img_size: int, num_frames: int = 1,
-                 target: str = "mask", location_coords: bool = False) -> None:
+                 target: str = "mask", location_coords: bool = False,
+                 dataset_bands: Sequence[int | str] | None = None, no_label_replace: int | None = None,
+                 min_valid_fraction: float = 0.0) -> None:
         if target not in TARGETS:
             raise ValueError(f"target={target!r}; allowed {TARGETS}")
         self.bands = tuple(bands)
@@ -186,6 +202,9 @@ class TileReader:
         self.num_frames = num_frames
         self.target = target
         self.location_coords = location_coords
+        self.dataset_bands = None if dataset_bands is None else tuple(dataset_bands)
+        self.no_label_replace = no_label_replace
+        self.min_valid_fraction = min_valid_fraction
         self.files = _OpenFiles()
         self._band_cache: dict[tuple[Any, ...], tuple[int, ...]] = {}
         self._scratch = threading.local()
@@ -215,7 +234,7 @@ class TileReader:
         key = (per, tuple(ds.descriptions[:per]))
         idx = self._band_cache.get(key)
         if idx is None:
-            idx = resolve_bands(self.bands, ds.descriptions[:per], per, path)
+            idx = resolve_bands(self.bands, ds.descriptions[:per], per, path, self.dataset_bands)
             self._band_cache[key] = idx
         return [tuple(i + t * per for i in idx) for t in range(groups)]
 
@@ -321,10 +340,14 @@ class TileReader:
                 self._mark_outside(invalid, win, ds.height, ds.width)
         valid_fraction = 1.0 - np.count_nonzero(invalid) / invalid.size  # 8x faster than a float64 mean
         if valid_fraction == 0.0:
-            raise BadTileError(sample.images[0], "all-nodata", f"every pixel of window {win} is nodata")
+            raise EmptyTileError(sample.images[0], "all-nodata", f"every pixel of window {win} is nodata")
+        if valid_fraction < self.min_valid_fraction:
+            raise EmptyTileError(sample.images[0], "nearly-empty", f"{valid_fraction:.1%} of window {win} is valid, "
+                                                                   f"below data.min_valid_fraction={self.min_valid_fraction}")
         view = aug.apply(raw.transpose(1, 0, 2, 3) if t_frames > 1 else raw[0], params)
         # Most tiles have no nodata pixel: skip the masked write then.
-        self.normalizer(view, image_out, aug.apply(invalid, params) if valid_fraction < 1.0 else None)
+        self.normalizer(view, image_out, aug.apply(invalid, params) if valid_fraction < 1.0 else None,
+                        nodata=typed_nodata(raw.dtype, first.nodata))
         if target_out is not None and self.target in ("mask", "regression"):
             self._read_target(sample, first, win, invalid, params, target_out)
         location = sample.location
@@ -364,8 +387,15 @@ class TileReader:
         except Exception as e:
             self.files.drop(sample.mask)
             raise BadTileError(sample.mask, "unreadable", f"{type(e).__name__}: {e}") from e
-        ignore = invalid if ignore_value is None else (invalid | is_nodata(raw, ignore_value))
-        fill = -1 if self.target == "mask" else np.nan
+        # With data.no_data_replace the image's nodata pixels are inputs like any other and keep their labels
+        # (TerraTorch); otherwise their labels are ignored. The label's own nodata: no_label_replace or ignore.
+        replaced = self.normalizer.no_data_replace is not None
+        ignore = (np.zeros_like(invalid) if replaced else invalid) if ignore_value is None else \
+            ((is_nodata(raw, ignore_value)) if replaced else (invalid | is_nodata(raw, ignore_value)))
+        if self.no_label_replace is not None:
+            fill: Any = self.no_label_replace
+        else:
+            fill = -1 if self.target == "mask" else np.nan
         np.copyto(out, aug.apply(raw, params), casting="unsafe")
         np.copyto(out, fill, where=aug.apply(ignore, params))
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from encdec.config import DataSource
+from encdec.config.data_layout import SplitLayout
 from encdec.data.config import DataConfigError
 
 FRAME_SEPARATOR = "|"
@@ -171,6 +172,68 @@ def list_tiles(spec: DataSource, where: str) -> list[Sample]:
     return samples
 
 
+# ---- image/label folders with globs and a split file (TerraTorch's generic layout) -----------------------------
+
+
+def _split_ids(path: str, where: str) -> list[str]:
+    try:
+        with open_text(path) as f:
+            return [line.strip() for line in f.readlines()]  # TerraTorch keeps blank lines too (matching all)
+    except OSError as e:
+        raise DataConfigError(f"{where}.split_file={path!r} cannot be read ({e}). Fix: give the split file's path, "
+                              f"a text file of sample ids, one a line.") from e
+
+
+def keep_listed(paths: Sequence[str], ids: Iterable[str], *, ignore_extensions: bool, substring: bool) -> list[str]:
+    """The files a split file selects, as TerraTorch's ``filter_valid_files`` does, sorted.
+
+    An id (its extension dropped when ``ignore_extensions``) selects a file when it occurs in the file's base name
+    (extension dropped too), or when it equals it if not ``substring``. A blank line matches every file, as there.
+    """
+    wanted = [posixpath.splitext(i)[0] if ignore_extensions else i for i in set(ids)]
+    exact = set(wanted)
+    out = []
+    for path in paths:
+        base = posixpath.basename(path.replace(os.sep, "/"))
+        if ignore_extensions:
+            base = posixpath.splitext(base)[0]
+        if (not substring and base in exact) or (substring and any(w in base for w in wanted)):
+            out.append(path)
+    return sorted(out)
+
+
+def list_layout(layout: SplitLayout, where: str) -> list[Sample]:
+    """Samples of an ``image_root`` source: images and labels listed by glob, filtered by the split file, paired
+    by sorted position (TerraTorch's ``GenericPixelWiseDataset``), with a check that the counts agree."""
+    root = layout.image_root or ""
+    label_root = layout.label_root or root
+    images = expand(join(root, layout.image_glob))
+    labels: list[str] = []
+    if layout.label_glob is not None:
+        labels = expand(join(label_root, layout.label_glob))
+    if not images:
+        raise DataConfigError(f"{where}.image_root={root!r} with {where}.image_glob={layout.image_glob!r} matches no "
+                              f"files. Fix: check the folder and the glob (e.g. '*_S2Hand.tif').")
+    # A label glob that also matches the images (``*`` in one folder) would pair images with themselves.
+    labels = [p for p in labels if p not in set(images)] if label_root == root else labels
+    if layout.split_file is not None:
+        ids = _split_ids(layout.split_file, where)
+        opts = {"ignore_extensions": layout.split_file_ignore_extensions, "substring": layout.split_file_substring}
+        images, labels = keep_listed(images, ids, **opts), keep_listed(labels, ids, **opts)
+        if not images:
+            raise DataConfigError(
+                f"{where}.split_file={layout.split_file!r} selects none of the files matching {where}.image_glob "
+                f"(ids like {ids[:3]}). Fix: check that the ids are parts of the image file names.")
+    if layout.label_glob is not None and len(labels) != len(images):
+        raise DataConfigError(
+            f"{where}: {len(images)} images ({layout.image_glob!r} in {root!r}) but {len(labels)} labels "
+            f"({layout.label_glob!r} in {label_root!r}); they are paired by sorted position, so the counts must "
+            f"match. Fix: narrow {where}.image_glob / {where}.label_glob (e.g. '*_merged.tif' and '*.mask.tif').")
+    if layout.label_glob is None:
+        return [Sample(images=(p,)) for p in images]
+    return [Sample(images=(i,), mask=m) for i, m in zip(images, labels, strict=True)]
+
+
 # ---- manifests -------------------------------------------------------------------------------------------------
 
 
@@ -263,6 +326,8 @@ def list_samples(spec: DataSource, *, img_size: int, where: str, split: str | No
         split: The split's name: a manifest's rows are those whose ``split`` column equals ``spec.split``, else
             this name; None (and no ``spec.split``) takes every row.
     """
+    if spec.layout is not None:
+        return list_layout(spec.layout, where)
     if spec.manifest:
         return read_manifest(spec.manifest, spec.split or split, where)
     if spec.scenes:

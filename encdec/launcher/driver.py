@@ -219,6 +219,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from encdec.launcher.failures import StopOnDataError
     from encdec.launcher.worker import train_loop_per_worker
 
     spec = scaling_spec(recipe)
@@ -233,6 +234,7 @@ def fit(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=recipe.train.max_failures),
+            callbacks=[StopOnDataError()],  # deterministic data errors are not retried (encdec.launcher.failures)
             # the engine prunes its own checkpoints (keep_last + best); Ray must not delete them under it
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": env} if (env := worker_env(recipe)) else None,

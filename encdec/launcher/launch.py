@@ -58,8 +58,9 @@ def absolutize_paths(recipe: Any, base: Path) -> None:
                 setattr(src, key, [_absolute(v, base) for v in val])
             elif val is not None:
                 setattr(src, key, _absolute(val, base))
-        if src.manifest is not None:
-            src.manifest = _absolute(src.manifest, base)
+        for key in ("manifest", "image_root", "label_root", "split_file"):
+            if getattr(src, key) is not None:
+                setattr(src, key, _absolute(getattr(src, key), base))
     recipe.run.init_from = _absolute(recipe.run.init_from, base)
     recipe.cluster.storage = _absolute(recipe.cluster.storage, base) or recipe.cluster.storage
     extra = recipe.model.model_extra or {}
@@ -149,6 +150,27 @@ def recipe_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- run
+def check_data(recipe: Any, console: Any, *, strict: bool = True) -> None:
+    """The data preflight (``encdec.data.preflight``) on this machine, before any cluster starts: warnings are
+    printed; errors stop the launch (``strict``) or are printed as warnings (data only the cluster sees)."""
+    from encdec.data.preflight import preflight
+
+    synthetic = [s for s in ("train", "val", "test") if getattr(getattr(recipe.data, s), "synthetic", None)]
+    report = preflight(recipe.data, skip=synthetic)
+    for split, n in report.samples.items():
+        d = report.details.get(split, {})
+        nd = d.get("nodata_fraction")
+        console.print(f"data.{split}: {n} samples; {d.get('read', 0)} read: dtype {','.join(d.get('dtypes', [])) or '-'}"
+                      f", nodata {'-' if nd is None else f'{nd:.1%}'}", highlight=False)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+    if report.errors and strict:
+        raise LaunchError("the data cannot be used:\n  " + "\n  ".join(report.errors))
+    for e in report.errors:
+        console.print(f"[yellow]warning (not visible from here; the cluster must see it):[/yellow] {e}",
+                      highlight=False)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """``encdec-launch RECIPE [flags]``."""
     from encdec.launcher.driver import run_spec, scaling_spec
@@ -165,6 +187,9 @@ def run_command(args: argparse.Namespace) -> int:
     where = ("Slurm" if args.slurm else "Kubernetes" if args.k8s else "Ray Job" if args.submit else
              f"Ray cluster at {args.address}" if args.address else
              f"local Ray cluster ({args.simulate_nodes or 1} node{'s' if (args.simulate_nodes or 1) > 1 else ''})")
+    # Data paths are checked on this machine, before any cluster starts; where only the cluster reads them (Slurm
+    # nodes, a Ray Job, Kubernetes pods) what is missing here is a warning.
+    strict_data = not (args.slurm or args.k8s or args.submit)
     if args.dry_run:
         if recipe.cluster.gpus_per_worker is None:  # auto: shown as this machine would decide it
             recipe.cluster.gpus_per_worker = 1.0 if plan.on_gpu else 0.0
@@ -185,7 +210,9 @@ def run_command(args: argparse.Namespace) -> int:
             from encdec.launcher import k8s
 
             print(k8s.render_rayjob(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml")))
+        check_data(recipe, _console(stderr=True) if (args.slurm or args.k8s) else console, strict=strict_data)
         return 0
+    check_data(recipe, console, strict=strict_data)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 

@@ -109,7 +109,7 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
 
 def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
     """metrics.csv, the plot, the export and the summary. Returns the exit status."""
-    from encdec.launcher.report import metric_rows, plot_metrics, summary_table, write_metrics_csv
+    from encdec.launcher.report import metric_rows, plot_metrics, skipped_tiles, summary_table, write_metrics_csv
     from encdec.launcher.rundir import latest_checkpoint
 
     rows = metric_rows(run_dir / "metrics.jsonl")
@@ -128,6 +128,9 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
         except Exception as err:  # the run itself succeeded; say why the export did not
             console.print(f"[yellow]export failed[/yellow]: {type(err).__name__}: {err}; retry with "
                           f"`encdec-launch export {run_dir}`")
+    skips, first_skips = skipped_tiles(run_dir / "skipped_tiles.csv")
+    skipped_text = (f"{sum(skips.values())}: " + ", ".join(f"{r} {n}" for r, n in sorted(skips.items()))
+                    + " (skipped_tiles.csv)") if skips else "0"
     best = [float(r["val/mIoU"]) for r in rows if isinstance(r.get("val/mIoU"), (int, float))]
     peak = [f.get("mem/peak_rss_gb") for f in (outcome.finals.values() if outcome else [])]
     summary = [
@@ -146,10 +149,14 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
         ("wall time", f"{outcome.seconds:.0f} s" if outcome else "-"),
         ("peak RSS per worker", ", ".join(f"{p:.2f} GiB" for p in peak if p) or "-"),
         ("checkpoint", str(ckpt) if ckpt else "-"),
+        ("skipped tiles", skipped_text),
         ("metrics", f"{csv_path or '-'}  plot: {png or '-'}"),
         ("exported model", str(export_path) if export_path else "-"),
     ]
     console.print(summary_table("summary", summary))
+    if first_skips:
+        console.print(f"[yellow]skipped tiles[/yellow], first: {'; '.join(first_skips)}; all in "
+                      f"{run_dir / 'skipped_tiles.csv'}", highlight=False)
     if outcome is not None and outcome.stopped:
         console.print(f"continue with: encdec-launch --resume {run_dir}")
     if failed:

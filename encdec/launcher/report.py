@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "metric_rows", "plot_metrics", "summary_table", "write_metrics_csv"]
+__all__ = ["Progress", "metric_rows", "plot_metrics", "skipped_tiles", "summary_table", "write_metrics_csv"]
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -68,6 +68,9 @@ class Progress:
             parts.append(f"acc {_fmt(s.get('val/accuracy'), '.3f')}")
         parts.append(f"{_fmt(s.get('train/tiles_per_s'), '.0f')} tiles/s")
         parts.append(f"data-wait {_fmt(s.get('train/data_wait_pct'), '.0f')}%")
+        bad, empty = int(s.get("data/bad_tiles") or 0), int(s.get("data/empty_tiles") or 0)
+        if bad or empty:
+            parts.append(f"skipped {empty} empty + {bad} bad tiles")
         return " ".join(parts)
 
     def update(self, metrics: dict[str, Any]) -> None:
@@ -84,6 +87,22 @@ class Progress:
     def message(self, text: str) -> None:
         """A line above the bar."""
         self.console.print(text, highlight=False)
+
+
+def skipped_tiles(path: Path) -> tuple[dict[str, int], list[str]]:
+    """Counts per reason and the first few lines of a run's ``skipped_tiles.csv`` (``({}, [])`` when none)."""
+    import csv
+
+    if not path.is_file():
+        return {}, []
+    counts: dict[str, int] = {}
+    first: list[str] = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            counts[row["reason"]] = counts.get(row["reason"], 0) + 1
+            if len(first) < 3:
+                first.append(f"{row['file']} ({row['reason']}: {row['detail']})")
+    return counts, first
 
 
 def metric_rows(jsonl: Path) -> list[dict[str, Any]]:

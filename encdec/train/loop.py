@@ -149,8 +149,10 @@ def train(
                  f"{trainable:,}", f"{total:,}", cfg.strategy, world, precision, grad_accum)
 
     # -- data, checkpoints, resume ------------------------------------------------------------------------------
-    train_iter = build_iterator(data, split="train", rank=rank, world_size=world, grad_accum=grad_accum, seed=seed)
-    val_iter = (build_iterator(data, split="val", rank=rank, world_size=world, grad_accum=1, seed=seed)
+    train_iter = build_iterator(data, split="train", rank=rank, world_size=world, grad_accum=grad_accum, seed=seed,
+                                run_dir=run_dir)
+    val_iter = (build_iterator(data, split="val", rank=rank, world_size=world, grad_accum=1, seed=seed,
+                               run_dir=run_dir)
                 if data.val is not None and cfg.val_every else None)
     max_steps = cfg.max_steps or (cfg.epochs or 1) * train_iter.steps_per_epoch
     ckpts = CheckpointManager(run_path / "checkpoints", keep_last=cfg.keep_last,
@@ -219,6 +221,9 @@ def train(
         if step % cfg.log_every == 0 or step == max_steps:
             elapsed = time.perf_counter() - window.start
             loss_sum = float(all_reduce_sum(window.loss.clone()))  # each rank holds its share of every loss
+            skips = [it.bad_tiles for it in (train_iter, val_iter) if it is not None]  # this rank's, per split
+            bad, empty = all_reduce_sum(torch.tensor([sum(s["total"] for s in skips), sum(s["empty"] for s in skips)],
+                                                     dtype=torch.float64)).tolist()
             last = {
                 "step": step,
                 "epoch": train_iter.state_dict()["epoch"],
@@ -228,6 +233,8 @@ def train(
                 "train/tiles_per_s": window.steps * data.global_batch_size / elapsed,
                 "train/data_wait_pct": 100.0 * window.wait / elapsed,
                 "train/step_time_s": elapsed / window.steps,
+                "data/bad_tiles": int(bad),  # skipped (all ranks, train + val; listed in skipped_tiles.csv)
+                "data/empty_tiles": int(empty),
             }
             if rank == 0:
                 LOG.info("step %d/%d loss %.5f lr %.3g tiles/s %.1f data-wait %.0f%%", step, max_steps,

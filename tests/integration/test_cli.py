@@ -148,11 +148,24 @@ def test_registry_names_checked_by_the_plan(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
 def test_dry_run_every_shipped_recipe(path: Path) -> None:
     out = launch([str(path.relative_to(REPO)), "--dry-run"], timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
+    data = yaml.safe_load(path.read_text())["data"]["train"]
+    # recipes for cluster data (/shared/...) print their plan, then fail the data check on a machine without it
+    missing = "synthetic" not in data and not Path(data.get("tiles") or data.get("manifest")).exists()
+    assert out.returncode == (3 if missing else 0), out.stdout + out.stderr
+    if missing:
+        assert "error: the data cannot be used" in out.stderr and "data.train." in out.stderr, out.stderr
     for text in ("parameters", "estimated memory per worker", "ScalingConfig", "num_workers=", "FailureConfig",
                  "planned in"):
         assert text in out.stdout, f"{text!r} not in:\n{out.stdout}"
     assert not list(REPO.glob("runs/*-<timestamp>"))  # a dry run creates nothing
+
+
+def test_dry_run_checks_the_data_paths(tmp_path: Path) -> None:
+    """A nonexistent tiles path fails --dry-run (rc 3, naming the key and the path), before any cluster starts."""
+    out = launch(["recipes/quickstart.yaml", "--dry-run", "--set", "data.train.synthetic=null",
+                  "--set", f"data.train.tiles={tmp_path / 'nothere'}"], timeout=300)
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert f"data.train.tiles='{tmp_path / 'nothere'}' matches no files" in out.stderr, out.stderr
 
 
 def test_dry_run_300m_at_8_nodes_with_slurm() -> None:

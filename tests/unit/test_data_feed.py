@@ -4,6 +4,8 @@ determinism, val padding, bad tiles skipped and counted, the ceiling error, conf
 from __future__ import annotations
 
 import collections
+import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,14 +149,42 @@ def test_each_kind_of_bad_tile_is_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="encdec.data"):
         ids = [sid for b in it for sid in b["sample_id"].tolist()]
     assert sorted(i for i in ids if i >= 0) == [5, 6, 7]
-    assert it.bad_tiles == {"unreadable": 2, "band-name": 1, "size": 1, "all-nodata": 1, "total": 5}
+    # the all-nodata tile is empty, not bad: listed, but not counted against max_bad_fraction
+    assert it.bad_tiles == {"unreadable": 2, "band-name": 1, "size": 1, "all-nodata": 1, "total": 4, "empty": 1}
     assert "tile_00000_img.tif" in caplog.text and "tile_00003_mask.tif" in caplog.text
-    train = build_iterator(cfg)
+    train = build_iterator(cfg, run_dir=str(tmp_path))
     for _ in range(4):  # two epochs: each bad tile counted once, slot ignored
         b = next(train)
         assert (b["mask"][b["sample_id"] == -1] == -1).all()
-    assert train.bad_tiles["total"] == 5
+    assert train.bad_tiles["total"] == 4 and train.bad_tiles["empty"] == 1
     train.close()
+    with open(tmp_path / "skipped_tiles.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5  # each skipped tile once, with its reason, rank and step
+    by_file = {Path(r["file"]).name: r for r in rows}
+    assert by_file["tile_00004_img.tif"]["reason"] == "all-nodata"
+    assert by_file["tile_00003_mask.tif"]["reason"] == "unreadable"
+    assert {r["rank"] for r in rows} == {"0"} and all(r["step"] in ("0", "1") for r in rows)
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_empty_tiles_do_not_count_against_max_bad_fraction(tmp_path):
+    root = write_tiles(tmp_path / "e", 8, img_size=SIZE, seed=5, cog=False)
+    for i in (1, 4):
+        write_raster(root / f"tile_0000{i}_img.tif", np.full((6, SIZE, SIZE), -9999, np.int16), nodata=-9999,
+                     descriptions=("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"))
+    it = build_iterator(_cfg(root, max_bad_fraction=0.0, global_batch_size=8), split="val")
+    ids = [sid for b in it for sid in b["sample_id"].tolist()]
+    assert sorted(i for i in ids if i >= 0) == [0, 2, 3, 5, 6, 7]
+    assert it.bad_tiles == {"all-nodata": 2, "total": 0, "empty": 2}
+    # a chip with less valid data than data.min_valid_fraction is empty too
+    half = np.ones((6, SIZE, SIZE), np.int16)
+    half[:, : SIZE // 2 + 1] = -9999
+    write_raster(root / "tile_00002_img.tif", half, nodata=-9999,
+                 descriptions=("BLUE", "GREEN", "RED", "NIR_NARROW", "SWIR_1", "SWIR_2"))
+    it = build_iterator(_cfg(root, max_bad_fraction=0.0, global_batch_size=8, min_valid_fraction=0.5), split="val")
+    assert sorted(i for b in it for i in b["sample_id"].tolist() if i >= 0) == [0, 3, 5, 6, 7]
+    assert it.bad_tiles == {"all-nodata": 2, "nearly-empty": 1, "total": 0, "empty": 3}
 
 
 @pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")

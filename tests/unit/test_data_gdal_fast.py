@@ -311,3 +311,15 @@ def test_tiff_geokeys_on_non_tiff_and_truncated_files(tmp_path):
     (tmp_path / "t.tif").write_bytes(b"II*\0" + (10 ** 6).to_bytes(4, "little"))
     with pytest.raises(struct.error):  # the IFD offset points past the end of the file
         tiff_geokeys(str(tmp_path / "t.tif"))
+
+
+def test_uint8_tiles_read_without_a_gdal_warning(tmp_path):
+    """GDAL >= 3.7 warns once per band when asked for the old PIXELTYPE=SIGNEDBYTE marker (92 lines in one run)."""
+    import subprocess
+    import sys
+
+    write_raster(tmp_path / "u8.tif", pixels(c=3, dtype="uint8"), **GEO)
+    probe = ("from encdec.data.gdal_fast import GdalDataset; "
+             f"ds = GdalDataset.open({str(tmp_path / 'u8.tif')!r}); assert ds.dtypes == ('uint8',) * 3, ds.dtypes")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert "PIXELTYPE" not in out.stderr and "Warning" not in out.stderr, out.stderr
