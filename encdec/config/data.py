@@ -166,6 +166,16 @@ class DataSection(PixelLayout, Section):
                 )
         if self.stds is not None and any(s <= 0 for s in self.stds):
             raise PydanticCustomError("stds_positive", "data.stds must all be > 0", {"sub": "stds"})
+        if self.dataset_bands is not None:
+            missing = [b for b in self.bands if b not in self.dataset_bands]
+            if missing:
+                raise PydanticCustomError(
+                    "bands_not_in_dataset",
+                    "data.bands={bands} must be names from data.dataset_bands {dataset}: remove or rename {missing}, "
+                    "or add them to data.dataset_bands",
+                    {"bands": repr(list(self.bands)), "dataset": repr(list(self.dataset_bands)),
+                     "missing": repr(missing), "sub": "bands"},
+                )
         return self
 
     def split(self, name: str) -> DataSource | None:
@@ -183,7 +193,8 @@ class DataSection(PixelLayout, Section):
     @property
     def uses_hls_stats(self) -> bool:
         """Whether the bands are exactly the six HLS bands, whose Prithvi statistics are the defaults."""
-        return tuple(str(b).upper() for b in self.bands) == HLS_BANDS
+        # the HLS statistics are in the files' units (reflectance x 1e4): no default for scaled values
+        return tuple(str(b).upper() for b in self.bands) == HLS_BANDS and self.constant_scale == 1.0
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-band (means, stds): the recipe's, else the Prithvi HLS statistics for the HLS bands.

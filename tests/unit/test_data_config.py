@@ -41,7 +41,7 @@ def test_defaults_follow_the_recipe_and_hls_statistics():
     ({"augment": {"flip": True}}, r"augment\.flip\n\s+Extra inputs are not permitted"),
     ({"reader": {"threads": 0}}, r"reader\.threads\n\s+Input should be greater than or equal to 1"),
     ({"shuffle": True}, r"shuffle\n\s+Extra inputs are not permitted"),
-    ({"train": {"tiles": "/d", "manifest": "m.csv"}}, r"give exactly one of 'tiles', 'manifest' or 'scenes'"),
+    ({"train": {"tiles": "/d", "manifest": "m.csv"}}, r"give exactly one of 'tiles', 'manifest', 'scenes' or 'image_root'"),
     ({"train": {"scenes": "/d", "stride": 0}}, r"train\.stride\n\s+Input should be greater than or equal to 1"),
     ({"feed": "spark"}, r"feed\n\s+Input should be 'reader' or 'ray'"),
 ])
