@@ -169,6 +169,22 @@ class _Accumulator:
             self._flush(self.base + self.t.out_h)
 
 
+def _run_single(src: object, scene: SceneInfo, forward: ForwardFn, preprocess: PreprocessFn, sink: RowSink,
+                stats: StripStats) -> StripStats:
+    """A scene no larger than one window: one forward pass of the unpadded scene (TerraTorch 1.2.11)."""
+    import time
+
+    raw = src.read(list(scene.bands_read))  # type: ignore[attr-defined]
+    x = np.ascontiguousarray(preprocess(raw), dtype=np.float32)[None]
+    t0 = time.perf_counter()
+    y = forward(x)
+    stats.forward_s += time.perf_counter() - t0
+    y = y[:, None] if y.ndim == 3 else y
+    sink(0, np.ascontiguousarray(y[0, :, : scene.height, : scene.width]), ~invalid_mask(raw, scene.nodata))
+    stats.windows, stats.batches = 1, 1
+    return stats
+
+
 def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, forward: ForwardFn,
               preprocess: PreprocessFn, sink: RowSink, *, queue_windows: int = 32,
               on_batch: Callable[[int], None] | None = None) -> StripStats:
@@ -188,6 +204,8 @@ def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, for
     import time
 
     stats = StripStats()
+    if plan.single:
+        return _run_single(src, scene, forward, preprocess, sink, stats)
     q: queue.Queue[object] = queue.Queue(maxsize=max(queue_windows, plan.tiling.batch_size))
     stop = threading.Event()
     thread = threading.Thread(target=_produce, args=(src, scene, plan, strip.windows, preprocess, q, stop),

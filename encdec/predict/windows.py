@@ -9,7 +9,9 @@ blend window by window (:mod:`encdec.predict.engine`).
 
 Where TerraTorch leaves pixels uncovered and raises ("Some pixels did not receive a classification!": a padded
 size of exactly ``crop + 1``, or ``stride == crop - 2*delta`` with an unlucky size) a window is added so no pixel is
-dropped; scenes smaller than ``crop - 2*delta`` are extended by reflection to that size and cropped back.
+dropped. A scene that fits in one window (``H <= h_crop`` and ``W <= w_crop``) is, as in TerraTorch 1.2.11, one
+forward pass of the unpadded scene (``WindowPlan.single``). Between that and ``crop - 2*delta`` (only possible in
+one axis) the scene is extended by reflection to that size and cropped back.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class WindowPlan:
     cols: tuple[int, ...]
     strips: tuple[Strip, ...]
     added: int
+    single: bool = False
 
     @property
     def n_windows(self) -> int:
@@ -175,6 +178,8 @@ def plan_windows(height: int, width: int, params: TiledParams | Tiling, *, strip
     if height < 1 or width < 1:
         raise ValueError(f"scene size {height}x{width} is empty")
     t = params.resolve() if isinstance(params, TiledParams) else params
+    if height <= t.h_crop and width <= t.w_crop:  # TerraTorch 1.2.11: no tiling, one forward of the scene
+        return WindowPlan(height, width, t, (0,), (0,), (Strip(0, 0, height, (Window(0, 0, 0),)),), 0, single=True)
     # Scenes smaller than a window's kept output are extended (by reflection, see reflect_index) to that size.
     he, we = max(height, t.out_h), max(width, t.out_w)
     hp, wp = he + 2 * t.delta, we + 2 * t.delta

@@ -37,7 +37,7 @@ def test_tiled_equals_full_forward_of_reflect_padded_scene(tmp_path: Path, strip
 
 
 def test_plan_has_no_gaps_and_strips_partition_rows() -> None:
-    for h, w in [(50, 77), (45, 58), (45, 61), (17, 13), (5, 3), (1, 1), (300, 40)]:
+    for h, w in [(50, 77), (45, 58), (45, 61), (17, 13), (5, 3), (1, 1), (300, 40), (9, 40)]:
         plan = plan_windows(h, w, TiledParams(crop=16, stride=12, delta=2), strip_rows=20)
         assert plan.strips[0].y0 == 0 and plan.strips[-1].y1 == h
         assert all(a.y1 == b.y0 for a, b in zip(plan.strips, plan.strips[1:]))
@@ -82,5 +82,5 @@ def test_delta_larger_than_overlap_is_reduced_like_terratorch() -> None:
 def test_bad_tiled_parameters_name_the_field() -> None:
     with pytest.raises(ValueError, match="stride=40 is larger than h_crop=32"):
         TiledParams(crop=32, stride=40)
-    with pytest.raises(ValueError, match="crop"):
+    with pytest.raises(ValueError, match="crp"):  # extra="forbid": a misspelt key is an error
         TiledParams(crop=32, crp=3)  # type: ignore[call-arg]
