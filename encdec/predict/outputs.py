@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,7 @@ class StripWriter:
         for name, arr in arrays.items():
             if name not in self.files:
                 dtype, bands, nodata, _ = self.spec.products(values.shape[0])[name]
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)  # parts carry no georef
                 self.files[name] = rasterio.open(
                     f"{self._path(name)}.tmp", "w", driver="GTiff", width=self.scene.width,
                     height=self.strip.y1 - self.strip.y0, count=bands, dtype=dtype, nodata=nodata,
@@ -151,6 +153,7 @@ def assemble_scene(out_dir: Path, scene: SceneInfo, strips: tuple[Strip, ...], s
         if name not in finals:
             continue
         parts = [pdir / f"strip_{s.index:05d}.{name}.tif" for s in strips]
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(parts[0]) as p0:
             profile = {"dtype": p0.dtypes[0], "count": p0.count, "nodata": p0.nodata}
         resampling = spec.products(profile["count"])[name][3]
