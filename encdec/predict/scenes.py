@@ -132,6 +132,8 @@ def _select_bands(path: str, names: tuple[str | None, ...], count: int,
                   bands: Sequence[int | str] | None) -> tuple[int, ...]:
     if bands is None:
         return ()
+    if all(not n for n in names) and count == len(bands) and any(isinstance(b, str) for b in bands):
+        return ()  # a file without band names holding exactly the model's bands: taken in order, as in training
     idx: list[int] = []
     for b in bands:
         if isinstance(b, int):
