@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,13 +67,13 @@ def load_run_model(spec: ModelSpec) -> Any:
     assert spec.recipe_path is not None
     recipe = load_recipe(spec.recipe_path, spec.overrides)
     if spec.checkpoint in (None, "best"):
-        ckpt = pick_checkpoint(spec.path, recipe)
+        ckpt: Path | None = pick_checkpoint(spec.path, recipe)
     elif spec.checkpoint == "last":
         ckpt = latest_checkpoint(spec.path)
-        if ckpt is None:
-            raise LaunchError(f"{spec.path} has no complete checkpoint (--checkpoint last). Fix: train first.")
     else:
         ckpt = Path(spec.checkpoint)
+    if ckpt is None:
+        raise LaunchError(f"{spec.path} has no complete checkpoint (--checkpoint last). Fix: train first.")
     return restore(spec.path, recipe, ckpt)
 
 
@@ -83,6 +84,7 @@ def resolve_model(model: str, *, checkpoint: str | None = None, overrides: tuple
     from encdec.data.config import parse_data_config
 
     path = Path(model).resolve()
+    recipe_path: Path | None
     if (path / "recipe.yaml").is_file():
         kind, recipe_path = "run", path / "recipe.yaml"
     elif (path / "model.yaml").is_file() and (path / "model.safetensors").is_file():
@@ -161,7 +163,7 @@ def _connect(args: argparse.Namespace) -> Any:
         cluster = LocalRayCluster(num_nodes=max(1, args.nodes or 1)).start()
         address = cluster.gcs_address
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING", configure_logging=True)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
     except BaseException:
         if cluster is not None:
             cluster.stop()

@@ -45,7 +45,7 @@ def confusion_metrics(cm: np.ndarray, class_names: Sequence[str] | None = None) 
     }
 
 
-def _f(x: float) -> float | None:
+def _f(x: Any) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
 

@@ -7,6 +7,7 @@ done. An actor that dies is restarted by Ray and its unfinished strip retried (`
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,16 +41,16 @@ def run_on_ray(runner: StripRunner, todo: list[ScenePlan], *, workers: int, cpus
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING", configure_logging=True, log_to_driver=False)
+        ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=False)
     actor_cls = ray.remote(num_cpus=cpus_per_worker, max_restarts=2, max_task_retries=2)(_PredictActor)
-    actors = [actor_cls.remote(runner, max(1, int(cpus_per_worker))) for _ in range(workers)]  # type: ignore[attr-defined]
+    actors: list[Any] = [actor_cls.remote(runner, max(1, int(cpus_per_worker))) for _ in range(workers)]  # type: ignore[attr-defined]
     tasks: deque[tuple[int, int]] = deque()
     remaining: dict[int, int] = {}
     for i, sp in enumerate(todo):
         pending = [s.index for s in sp.plan.strips if not strip_done(runner.out_dir, sp.scene, s)]
         tasks.extend((i, s) for s in pending)
         remaining[i] = len(pending)
-    idle = deque(actors)
+    idle: deque[Any] = deque(actors)
     inflight: dict[Any, tuple[Any, int, int]] = {}
     try:
         for i, n in list(remaining.items()):
@@ -68,7 +69,7 @@ def run_on_ray(runner: StripRunner, todo: list[ScenePlan], *, workers: int, cpus
             path = todo[i].scene.path
             try:
                 n = ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001 - a failed scene is listed; the others go on
+            except Exception as e:
                 result.failed.setdefault(path, f"{type(e).__name__}: {e}")
                 continue
             result.windows += n

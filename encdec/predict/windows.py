@@ -16,6 +16,7 @@ one axis) the scene is extended by reflection to that size and cropped back.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from dataclasses import dataclass
@@ -188,7 +189,6 @@ def plan_windows(height: int, width: int, params: TiledParams | Tiling, *, strip
     last_r, last_c = hp - t.h_crop, wp - t.w_crop
     rows = sorted({*grid_r, *extra_r, last_r})
     cols = sorted({*grid_c, *extra_c, last_c})
-    gr, gc = set(grid_r), set(grid_c)
     # TerraTorch's list order: right column (grid rows), bottom row (grid cols), corner, then the grid row-major.
     order: list[tuple[int, int]] = [(r, last_c) for r in grid_r] + [(last_r, c) for c in grid_c] + [(last_r, last_c)]
     order += [(r, c) for r in grid_r for c in grid_c]
@@ -199,7 +199,6 @@ def plan_windows(height: int, width: int, params: TiledParams | Tiling, *, strip
             if (r, c) not in rank:
                 rank[(r, c)] = n
                 n += 1
-    del gr, gc
     strips = _strips(height, rows, cols, rank, t.out_h, strip_rows)
     added = n - len(order)
     return WindowPlan(height, width, t, tuple(rows), tuple(cols), strips, added)
@@ -213,7 +212,7 @@ def _strips(height: int, rows: list[int], cols: list[int], rank: dict[tuple[int,
             bounds.append(r)
     bounds.append(height)
     strips = []
-    for i, (y0, y1) in enumerate(zip(bounds[:-1], bounds[1:])):
+    for i, (y0, y1) in enumerate(itertools.pairwise(bounds)):
         wins = tuple(Window(r, c, rank[(r, c)]) for r in rows if r < y1 and r + keep > y0 for c in cols)
         strips.append(Strip(i, y0, y1, wins))
     return tuple(strips)

@@ -106,3 +106,13 @@ def test_predict_then_evaluate(export_dir: Path, scene: Path, tmp_path: Path) ->
 def test_bad_model_argument_is_a_clear_error(scene: Path, tmp_path: Path) -> None:
     out = _cli("predict", str(tmp_path), str(scene), "-o", str(tmp_path / "o"), check=False)
     assert out.returncode == 3 and "neither a run directory" in out.stderr and "Fix:" in out.stderr
+
+
+@pytest.mark.ray
+def test_two_ray_workers_on_the_local_cluster_write_the_same_bytes(export_dir: Path, scene: Path,
+                                                                   tmp_path: Path) -> None:
+    # the CLI starts the launcher's local Ray cluster (as training does), runs 2 workers, stops the cluster
+    _cli("predict", str(export_dir), str(scene), "-o", str(tmp_path / "two"), "--workers", "2", "--strip-rows", "20",
+         "--no-quicklook")
+    _cli("predict", str(export_dir), str(scene), "-o", str(tmp_path / "one"), "--strip-rows", "20", "--no-quicklook")
+    assert (tmp_path / "two" / "scene_a.tif").read_bytes() == (tmp_path / "one" / "scene_a.tif").read_bytes()

@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 import encdec
 from tests.unit._predict_models import DiesOnce, TinyFCN, random_scene, write_scene

@@ -106,7 +106,7 @@ def test_strips_written_before_a_crash_are_reused(tmp_path: Path) -> None:
     assert (out / "k.tif").read_bytes() == ref.outputs[str(scene)]["pred"].read_bytes()
 
 
-def _info(path: Path):  # noqa: ANN202
+def _info(path: Path):
     from encdec.predict.scenes import open_scene
 
     return open_scene(str(path))

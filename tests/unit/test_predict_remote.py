@@ -8,6 +8,7 @@ import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from tests.unit._predict_models import TinyFCN, random_scene, write_scene
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     """GET with ``Range: bytes=a-b`` -> 206 and only those bytes; records every range served."""
 
-    ranges: list[str] = []
+    ranges: ClassVar[list[str]] = []
 
     def log_message(self, *args: object) -> None:
         pass
