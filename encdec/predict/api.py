@@ -212,7 +212,7 @@ def predict(model: ModelSource, scenes: Sequence[str | Path] | str | Path, out_d
                 stats = runner.run(sp.scene, on_batch=bar.windows)
                 result.windows += stats.windows
                 finish(sp)
-            except (SceneError, OSError, ValueError) as e:  # a bad scene is listed; the others are still written
+            except Exception as e:  # a failed scene is listed (CLI exit 4); the others are written
                 result.failed[sp.scene.path] = f"{type(e).__name__}: {e}"
     else:
         from encdec.predict.ray_workers import run_on_ray

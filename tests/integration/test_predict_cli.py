@@ -116,3 +116,17 @@ def test_two_ray_workers_on_the_local_cluster_write_the_same_bytes(export_dir: P
          "--no-quicklook")
     _cli("predict", str(export_dir), str(scene), "-o", str(tmp_path / "one"), "--strip-rows", "20", "--no-quicklook")
     assert (tmp_path / "two" / "scene_a.tif").read_bytes() == (tmp_path / "one" / "scene_a.tif").read_bytes()
+
+
+def test_run_directory_gives_recipe_settings_and_a_clear_error_without_checkpoint(tmp_path: Path) -> None:
+    from encdec.launcher.errors import LaunchError
+    from encdec.launcher.predict_cmd import load_run_model, resolve_model, tiled_from
+
+    (tmp_path / "recipe.yaml").write_text((REPO / "recipes" / "quickstart.yaml").read_text())
+    spec = resolve_model(str(tmp_path))
+    assert (spec.kind, spec.task, spec.img_size, spec.bands) == ("run", "segmentation", 64, tuple(BANDS))
+    assert spec.means is not None and len(spec.means) == 6
+    tiled = tiled_from(spec, ["tiled.delta=2", "data.img_size=64"], None).resolve()
+    assert (tiled.h_crop, tiled.h_stride, tiled.delta) == (64, 56, 2)
+    with pytest.raises(LaunchError, match="no complete checkpoint"):
+        load_run_model(spec)
