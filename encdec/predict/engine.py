@@ -205,7 +205,10 @@ def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, for
 
     stats = StripStats()
     if plan.single:
-        return _run_single(src, scene, forward, preprocess, sink, stats)
+        _run_single(src, scene, forward, preprocess, sink, stats)
+        if on_batch is not None:
+            on_batch(1)
+        return stats
     q: queue.Queue[object] = queue.Queue(maxsize=max(queue_windows, plan.tiling.batch_size))
     stop = threading.Event()
     thread = threading.Thread(target=_produce, args=(src, scene, plan, strip.windows, preprocess, q, stop),
