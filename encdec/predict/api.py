@@ -203,7 +203,10 @@ def predict(model: ModelSource, scenes: Sequence[str | Path] | str | Path, out_d
     def finish(sp: ScenePlan) -> None:
         scene_tags = {**all_tags, "source": sp.scene.path,
                       "source_sha": hashlib.sha256(sp.scene.path.encode()).hexdigest()[:16]}
-        result.outputs[sp.scene.path] = assemble_scene(out, sp.scene, sp.plan.strips, spec, scene_tags)
+        import rasterio
+
+        with rasterio.Env(GDAL_CACHEMAX=256):  # the COG copy streams blocks; a bounded cache keeps RSS flat
+            result.outputs[sp.scene.path] = assemble_scene(out, sp.scene, sp.plan.strips, spec, scene_tags)
         bar.scene()
 
     if workers <= 1:

@@ -86,6 +86,7 @@ class StripRunner:
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast).
         strip_rows: Output rows per strip (the plan's unit of work).
         queue_windows: Windows read ahead of the forward pass.
+        gdal_cache_mb: GDAL block cache of the worker (MB).
     """
 
     model: ModelSource
@@ -99,6 +100,7 @@ class StripRunner:
     precision: Precision = "fp32"
     strip_rows: int = 2048
     queue_windows: int = 32
+    gdal_cache_mb: int = 256
     _forward: ForwardFn | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -130,7 +132,9 @@ class StripRunner:
             return total
         forward = self.forward
         t0 = time.perf_counter()
-        with rasterio.open(scene.path) as src:
+        # GDAL's block cache defaults to 5 % of RAM and would grow with the scene's width; one block row of a wide
+        # scene is what re-reading overlapping window rows needs.
+        with rasterio.Env(GDAL_CACHEMAX=self.gdal_cache_mb), rasterio.open(scene.path) as src:
             for strip in todo:
                 writer = StripWriter(self.out_dir, scene, strip, self.spec)
                 ok = False
