@@ -30,6 +30,9 @@ if TYPE_CHECKING:
         ScalarOutputModel,
         build_model,
     )
+    from encdec.predict import api as _predict_api
+
+    predict = _predict_api.predict
 
 _FROM_MODELS = {
     "AuxiliaryHead",
@@ -54,10 +57,13 @@ __all__ = [
     "ScalarOutputModel",
     "__version__",
     "build_model",
+    "predict",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "predict":  # the package, callable as the API function (see encdec/predict/__init__.py)
+        return importlib.import_module("encdec.predict")
     if name in _FROM_MODELS:
         return getattr(importlib.import_module("encdec.models"), name)
     raise AttributeError(f"module 'encdec' has no attribute {name!r}")

@@ -9,6 +9,7 @@ Imports stay lazy: ``--help`` imports neither torch nor ray (measured in tests/i
     encdec-launch recipe --schema | recipe check RECIPE.yaml
     encdec-launch status|logs|stop RUN_DIR|JOB_ID
     encdec-launch export RUN_DIR
+    encdec-launch predict MODEL SCENES... -o OUT | evaluate MODEL --scenes ... --references ...
     encdec-launch convert-terratorch CONFIG.yaml
     encdec-launch make-data OUT --tiles N | stats TILES
 """
@@ -23,7 +24,8 @@ from encdec._version import __version__
 
 __all__ = ["build_parser", "main"]
 
-SUBCOMMANDS = ("run", "plan", "recipe", "status", "logs", "stop", "export", "convert-terratorch", "make-data", "stats")
+SUBCOMMANDS = ("run", "plan", "recipe", "status", "logs", "stop", "export", "convert-terratorch", "make-data", "stats",
+               "predict", "evaluate")
 EPILOG = """examples:
   encdec-launch recipes/quickstart.yaml                      train on a local Ray cluster started for the run
   encdec-launch recipes/prithvi_lora.yaml --nodes 8 --dry-run   plan: parameters, memory per strategy, launch spec
@@ -128,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("-o", "--output", help="recipe file to write (default: print)")
 
+    from encdec.launcher.predict_cmd import add_parsers  # argparse only: no torch/ray at import
+
+    add_parsers(sub)
+
     sub.add_parser("make-data", help="write a synthetic HLS-like tile set", add_help=False)
     sub.add_parser("stats", help="per-band means/stds and class frequencies of tiles", add_help=False)
     return parser
@@ -165,6 +171,10 @@ def _dispatch(command: str) -> Callable[[argparse.Namespace], int]:
         from encdec.launcher.export_cmd import export_command
 
         return export_command
+    if command in ("predict", "evaluate"):
+        from encdec.launcher import predict_cmd
+
+        return predict_cmd.predict_command if command == "predict" else predict_cmd.evaluate_command
     if command == "convert-terratorch":
         from encdec.launcher.convert_terratorch import convert_command
 
