@@ -19,6 +19,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from encdec.config.early_stop import EarlyStopConfig  # issue 16 hook
+from encdec.config.track import TrackConfig  # issue 16 hook
+
 __all__ = [
     "ClusterSection",
     "DataSection",
@@ -364,6 +367,8 @@ class TrainSection(Section):
         True, description="FSDP: rank 0 builds the model and loads its weights; the other ranks build it on the meta "
         "device and receive their shards from rank 0 (least host memory per rank)."
     )
+    early_stop: EarlyStopConfig | None = Field(  # issue 16 hook
+        None, description="Stop when a validation metric stops improving (metric, mode, patience, min_delta).")
     max_failures: int = Field(
         3, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1 = always)."
     )
@@ -446,6 +451,7 @@ class Recipe(Section):
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")  # type: ignore[arg-type]
     train: TrainSection = Field(description="Length, precision, strategy, intervals, fault tolerance.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Nodes, workers, resources, storage.")  # type: ignore[arg-type]
+    track: TrackConfig | None = Field(None, description="Experiment tracking: TensorBoard, MLflow, W&B.")  # issue 16 hook
     # where each key was written (file line or --set), so later checks (registry names, the build) can say it too
     _origin: Any = PrivateAttr(default=None)
 
@@ -488,7 +494,8 @@ class Recipe(Section):
         out = self.model_dump(mode="json", exclude={"model"})
         out["model"] = _jsonable(self.model.factory_kwargs())
         order = ["task", "run", "model", "loss", "data", "optim", "train", "cluster"]
-        return {k: out[k] for k in order}
+        extra = [k for k in ("track",) if out.get(k) is not None]  # issue 16 hook: optional sections when set
+        return {k: out[k] for k in order + extra}
 
 
 def _jsonable(value: Any) -> Any:

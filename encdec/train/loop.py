@@ -102,6 +102,9 @@ def train(
     from encdec.train.precision import pin_fp32_matmuls, resolve_precision, store_for_autocast
 
     cfg = LoopConfig.from_section(train)
+    from encdec.train.early_stop import EarlyStopper  # issue 16 hook: train.early_stop
+
+    stopper = EarlyStopper.from_section(train.get("early_stop"))
     check_optim_cfg(optim)
     grad_accum = int(optim.get("grad_accum", 1))
     max_norm = optim.get("grad_clip")
@@ -168,6 +171,8 @@ def train(
         extra = strategy.load(resume_from)
         step = int(extra["step"])
         train_iter.load_state_dict(extra["data"])
+        if stopper is not None:  # issue 16 hook: the patience count survives resume
+            stopper.load_state_dict(extra.get("early_stop"))
         restore_rng(extra.get("rng"), same_world=extra.get("world_size") == world, seed=seed, rank=rank, step=step)
         if rank == 0:
             LOG.info("resumed from %s at step %d", resume_from, step)
@@ -182,7 +187,8 @@ def train(
             report(dict(metrics), str(ckpt) if ckpt is not None else None)
 
     def save(metrics: Mapping[str, float] | None = None, data_state: dict[str, Any] | None = None) -> Path:
-        extra = {"data": data_state or train_iter.state_dict(), "rng": capture_rng(), "world_size": world}
+        extra = {"data": data_state or train_iter.state_dict(), "rng": capture_rng(), "world_size": world,
+                 "early_stop": stopper.state_dict() if stopper is not None else None}
         return ckpts.save(strategy, step, extra, metrics)
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -249,11 +255,21 @@ def train(
             if rank == 0:
                 LOG.info("step %d val %s", step, {k: round(v, 5) for k, v in val.items() if not k.startswith("val/IoU_")})
         is_best = bool(val) and ckpts.best_metric in val and _improves(val[ckpts.best_metric], ckpts)
-        if step % cfg.ckpt_every == 0 or step == max_steps or is_best:
+        # issue 16 hook: every rank saw the same all-reduced val metrics; the flag is all-reduced all the same
+        early = bool(val) and stopper is not None and bool(
+            all_reduce_sum(torch.tensor([float(stopper.update(val))], dtype=torch.float64))[0] > 0)
+        if early:
+            last = {**last, "status": "early-stopped"}
+            if rank == 0:
+                LOG.info("early stop at step %d: %s has not improved for %d validations (best %s)", step,
+                         stopper.cfg.metric, stopper.bad, stopper.best)  # type: ignore[union-attr]
+        if step % cfg.ckpt_every == 0 or step == max_steps or is_best or early:
             last_ckpt = save(val or None)
             emit({**last, "checkpoint": str(last_ckpt)}, last_ckpt)
         elif val:
             emit(last)
+        if early:
+            break
 
     if stopped and (last_ckpt is None or ckpts.path_for(step) != last_ckpt):
         last_ckpt = save(data_state=data_state)

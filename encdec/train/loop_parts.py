@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # keys of the train section read elsewhere (the launcher); accepted here so one section serves both
-_LAUNCHER_KEYS = {"max_failures"}
+_LAUNCHER_KEYS = {"max_failures", "early_stop"}  # early_stop: read by the loop (encdec.train.early_stop)
 _BEST_DEFAULTS = {
     "segmentation": ("val/mIoU", "max"),
     "classification": ("val/accuracy", "max"),
