@@ -166,12 +166,13 @@ class Tracker:
     # ------------------------------------------------------------------------------------------- background
     def _problem(self, message: str) -> None:
         self.problems.append(message)
-        LOG.warning("%s", message)
-        if self.on_problem is not None:
-            try:
-                self.on_problem(message)
-            except Exception:  # a broken console must not break tracking
-                pass
+        if self.on_problem is None:
+            LOG.warning("%s", message)
+            return
+        try:
+            self.on_problem(message)
+        except Exception:  # a broken console must not break tracking
+            LOG.warning("%s", message)
 
     def _call(self, sink: Any, what: str, *args: Any) -> None:
         st = self.state[sink.name]
