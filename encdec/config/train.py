@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from encdec.config.base import Section
+from encdec.config.early_stop import EarlyStopConfig
 from encdec.config.names import BEST_DEFAULTS, LossName, PrecisionName, StrategyName
 
 __all__ = ["LossSection", "OptimSection", "RunSection", "TrainSection"]
@@ -137,6 +138,8 @@ class TrainSection(Section):
         "fails the run (torch.distributed's timeout). Raise it when ZeRO-3/FSDP all-gathers of very large models "
         "or slow first steps time out."
     )
+    early_stop: EarlyStopConfig | None = Field(
+        None, description="Stop when a validation metric stops improving (metric, mode, patience, min_delta).")
     max_failures: int = Field(
         3, ge=-1, description="Worker-group restarts from the last checkpoint before the run fails (-1 = always)."
     )

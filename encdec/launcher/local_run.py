@@ -73,6 +73,7 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
 
     outcome = None
     run_dir: Path | None = None
+    tracker = None
     try:
         check_capacity(recipe)
         run_dir = make_run_dir()
@@ -80,12 +81,23 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
         update_launch(run_dir, dashboard=dashboard, ray_address=ray.get_runtime_context().gcs_address,
                       driver_pid=os.getpid())
         total = recipe.train.max_steps
+        from encdec.track import open_tracker  # issue 16 hook: the driver feeds rank 0's reports to tracking
+
+        tracker = open_tracker(recipe.track, run_dir, recipe.to_yaml_dict(),
+                               on_problem=lambda m: console.print(f"[yellow]{m}[/yellow]"))
         with Progress(total, enabled=not args.no_progress) as progress:
-            outcome = fit(recipe, run_dir, on_metrics=progress.update,
+            def on_metrics(m: dict[str, Any]) -> None:
+                progress.update(m)
+                if tracker is not None:
+                    tracker.log(m)
+
+            outcome = fit(recipe, run_dir, on_metrics=on_metrics,
                           on_stop_requested=lambda: progress.message(
                               "stop requested: the workers checkpoint and return (Ctrl-C again to abort)"))
     except KeyboardInterrupt:
         console.print("aborted (second Ctrl-C): no checkpoint was written for the current step")
+        if tracker is not None:
+            tracker.finish("failed")
         return 130
     finally:
         if run_dir is not None:
@@ -104,10 +116,10 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
             else:
                 cluster.stop()
     assert run_dir is not None  # set before fit, and fit ran (errors before it raised)
-    return finish_run(recipe, run_dir, outcome, console)
+    return finish_run(recipe, run_dir, outcome, console, tracker=tracker)
 
 
-def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
+def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any, tracker: Any = None) -> int:
     """metrics.csv, the plot, the export and the summary. Returns the exit status."""
     from encdec.launcher.report import metric_rows, plot_metrics, skipped_tiles, summary_table, write_metrics_csv
     from encdec.launcher.rundir import latest_checkpoint
@@ -119,7 +131,8 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
     ckpt = latest_checkpoint(run_dir)
     export_path = None
     failed = outcome is not None and outcome.error is not None
-    done = not failed and not outcome.stopped and int(last.get("step", 0)) >= (recipe.train.max_steps or 0)
+    early = last.get("status") == "early-stopped"  # issue 16: train.early_stop ended the run (it checkpointed)
+    done = not failed and not outcome.stopped and (early or int(last.get("step", 0)) >= (recipe.train.max_steps or 0))
     if done and recipe.run.export:
         from encdec.launcher.export_cmd import export_run
 
@@ -135,7 +148,8 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
     peak = [f.get("mem/peak_rss_gb") for f in (outcome.finals.values() if outcome else [])]
     summary = [
         ("run directory", str(run_dir)),
-        ("status", "failed" if failed else "stopped (checkpoint saved)" if outcome and outcome.stopped else "finished"),
+        ("status", "failed" if failed else "stopped (checkpoint saved)" if outcome and outcome.stopped else
+         "early-stopped" if early else "finished"),
         ("steps", f"{last.get('step', 0)} / {recipe.train.max_steps or '-'}"),
         ("train loss", _num(last.get("train/loss"))),
     ]
@@ -153,6 +167,13 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any) -> int:
         ("metrics", f"{csv_path or '-'}  plot: {png or '-'}"),
         ("exported model", str(export_path) if export_path else "-"),
     ]
+    if tracker is not None:  # issue 16 hook: end-of-run files and status to the tracking backends
+        status = ("failed" if failed else "stopped" if outcome is not None and outcome.stopped else
+                  "early-stopped" if early else "finished")
+        tracker.finish(status, {"plot": png, "metrics_csv": csv_path,
+                                 "model": export_path.parent if export_path else None})
+        summary.append(("tracking", ", ".join(s.name for s in tracker.sinks) + (
+            f" ({len(tracker.problems)} problem(s), printed above)" if tracker.problems else "")))
     console.print(summary_table("summary", summary))
     if first_skips:
         console.print(f"[yellow]skipped tiles[/yellow], first: {'; '.join(first_skips)}; all in "

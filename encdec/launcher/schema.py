@@ -40,6 +40,7 @@ from encdec.config import (
     TrainSection,
 )
 from encdec.config.names import TaskName
+from encdec.config.track import TrackConfig
 
 __all__ = [
     "HLS_BANDS",
@@ -80,6 +81,7 @@ class Recipe(Section):
     optim: OptimSection = Field(default_factory=OptimSection, description="Optimizer and schedule.")  # type: ignore[arg-type]
     train: TrainSection = Field(description="Length, precision, strategy, intervals, fault tolerance.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Nodes, workers, resources, storage.")  # type: ignore[arg-type]
+    track: TrackConfig | None = Field(None, description="Experiment tracking: TensorBoard, MLflow, W&B.")
     # where each key was written (file line or --set), so later checks (registry names, the build) can say it too
     _origin: Any = PrivateAttr(default=None)
 
@@ -100,7 +102,8 @@ class Recipe(Section):
         out = self.model_dump(mode="json", exclude={"model"})
         out["model"] = _jsonable(self.model.factory_kwargs())
         order = ["task", "run", "model", "loss", "data", "optim", "train", "cluster"]
-        return {k: out[k] for k in order}
+        extra = [k for k in ("track",) if out.get(k) is not None]  # optional sections, when set
+        return {k: out[k] for k in order + extra}
 
 
 def _jsonable(value: Any) -> Any:

@@ -94,6 +94,11 @@ def cross_checks(recipe: Recipe) -> list[RecipeIssue]:
                             "LoRA needs target modules", has_value=False,
                             fix="e.g. target_modules: [qkv.q_linear, qkv.v_linear] with replace_qkv: qkv")
             )
+    from encdec.config.track import object_store_rule  # issue 16 hook
+
+    if (why := object_store_rule(recipe.track, recipe.cluster.storage)) is not None:
+        issues.append(RecipeIssue(("track", "mlflow", "tracking_uri"), why, has_value=False,
+                                  fix="set track.mlflow.tracking_uri to your MLflow server, e.g. http://mlflow:5000"))
     from encdec.launcher.validate_options import option_checks
 
     return issues + option_checks(recipe)

@@ -103,6 +103,9 @@ def train(
     cfg = train
     grad_accum = optim.grad_accum
     max_norm = optim.grad_clip
+    from encdec.train.early_stop import EarlyStopper
+
+    stopper = EarlyStopper(train.early_stop) if train.early_stop is not None else None
     loss_fn = build_loss(task, loss)  # before anything heavy: a bad loss section fails in a second
     run_path = Path(run_dir)
 
@@ -165,6 +168,8 @@ def train(
         step = int(extra["step"])
         train_iter.load_state_dict(extra["data"])
         ckpts.restore_best(extra, strategy)  # the best so far, from the checkpoint itself (not best.json)
+        if stopper is not None:  # the patience count survives resume
+            stopper.load_state_dict(extra.get("early_stop"))
         restore_rng(extra.get("rng"), same_world=extra.get("world_size") == world, seed=seed, rank=rank, step=step)
         if rank == 0:
             LOG.info("resumed from %s at step %d", resume_from, step)
@@ -179,7 +184,8 @@ def train(
             report(dict(metrics), str(ckpt) if ckpt is not None else None)
 
     def save(metrics: Mapping[str, float] | None = None, data_state: dict[str, Any] | None = None) -> Path:
-        extra = {"data": data_state or train_iter.state_dict(), "rng": capture_rng(), "world_size": world}
+        extra = {"data": data_state or train_iter.state_dict(), "rng": capture_rng(), "world_size": world,
+                 "early_stop": stopper.state_dict() if stopper is not None else None}
         return ckpts.save(strategy, step, extra, metrics)
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -251,11 +257,21 @@ def train(
         # a collective decision (a best step is saved off the ckpt_every grid): from the all-reduced metrics and
         # the in-memory best, the same on every rank; never from best.json, which a rank may read stale
         is_best = ckpts.is_best(val)
-        if step % cfg.ckpt_every == 0 or step == max_steps or is_best:
+        # early stop: every rank saw the same all-reduced val metrics; the flag is all-reduced all the same
+        early = bool(val) and stopper is not None and bool(
+            all_reduce_sum(torch.tensor([float(stopper.update(val))], dtype=torch.float64))[0] > 0)
+        if early:
+            last = {**last, "status": "early-stopped"}
+            if rank == 0:
+                LOG.info("early stop at step %d: %s has not improved for %d validations (best %s)", step,
+                         stopper.cfg.metric, stopper.bad, stopper.best)  # type: ignore[union-attr]
+        if step % cfg.ckpt_every == 0 or step == max_steps or is_best or early:
             last_ckpt = save(val or None)
             emit({**last, "checkpoint": str(last_ckpt)}, last_ckpt)
         elif val:
             emit(last)
+        if early:
+            break
 
     if stopped and (last_ckpt is None or ckpts.path_for(step) != last_ckpt):
         last_ckpt = save(data_state=data_state)
