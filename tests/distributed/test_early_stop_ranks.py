@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from _spawn import run_distributed
+from test_loop_parity import typed
 
 pytestmark = pytest.mark.distributed
 
@@ -51,7 +52,7 @@ def _train(rank: int, world: int, runs: list[dict[str, Any]]) -> list[dict[str, 
         limit = run.pop("stop_after", None)
         counter = itertools.count()
         reports: list[dict[str, Any]] = []
-        final = train(**run, report=lambda m, c, r=reports: r.append(m),
+        final = train(**typed(run), report=lambda m, c, r=reports: r.append(m),
                       stop_requested=lambda c=counter, n=limit: n is not None and next(c) >= n)
         out.append({"final": final, "reports": reports})
     return out
