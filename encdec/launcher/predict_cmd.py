@@ -62,7 +62,7 @@ def load_run_model(spec: ModelSpec) -> Any:
         return net
     from encdec.launcher.export_cmd import pick_checkpoint, restore
     from encdec.launcher.rundir import latest_checkpoint
-    from encdec.launcher.schema import load_recipe
+    from encdec.launcher.validate import load_recipe
 
     assert spec.recipe_path is not None
     recipe = load_recipe(spec.recipe_path, spec.overrides)
@@ -98,7 +98,7 @@ def resolve_model(model: str, *, checkpoint: str | None = None, overrides: tuple
     data: dict[str, Any] = {}
     task, block, precision = "segmentation", {}, "fp32"
     if recipe_path is not None:
-        from encdec.launcher.schema import load_recipe
+        from encdec.launcher.validate import load_recipe
 
         recipe = load_recipe(recipe_path, tiled_free)
         task, block, data = recipe.task, recipe.section("model"), recipe.section("data")

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from encdec.launcher.errors import RecipeError
-from encdec.launcher.schema import recipe_from_dict
+from encdec.launcher.validate import recipe_from_dict
 
 MINIMAL: dict[str, Any] = {
     "task": "segmentation",
@@ -68,9 +68,10 @@ def test_embedded_mlflow_needs_a_disk_not_an_object_store() -> None:
 
 def test_early_stop_section() -> None:
     recipe = recipe_from_dict(_with(train={"early_stop": {"metric": "val/mIoU", "mode": "max", "patience": 2}}))
-    assert recipe.section("train")["early_stop"] == {"metric": "val/mIoU", "mode": "max", "patience": 2,
-                                                      "min_delta": 0.0}
-    assert "early_stop" not in recipe_from_dict(MINIMAL).section("train")
+    assert recipe.train.early_stop is not None
+    assert recipe.train.early_stop.model_dump() == {"metric": "val/mIoU", "mode": "max", "patience": 2,
+                                                     "min_delta": 0.0}
+    assert recipe_from_dict(MINIMAL).train.early_stop is None
     with pytest.raises(RecipeError) as err:
         recipe_from_dict(_with(train={"early_stop": {"patience": 0}}))
     assert "train.early_stop.patience" in str(err.value)
