@@ -98,7 +98,8 @@ class DataSpec:
     max_bad_fraction: float
     reader: ReaderSpec
     location_coords: bool = False
-    pixels: PixelLayout = field(default_factory=PixelLayout)  # dataset_bands, constant_scale, nodata replacement, min_valid_fraction
+    # dataset_bands, constant_scale, no_data_replace, no_label_replace, min_valid_fraction (encdec.config.data_layout)
+    pixels: PixelLayout = field(default_factory=lambda: PixelLayout.model_validate({}))
 
 
 def _layout(path: str, model: type[Any], raw: Mapping[str, Any]) -> Any:
