@@ -273,8 +273,10 @@ def test_convert_terratorch(tmp_path: Path) -> None:
     assert recipe["cluster"] == {"nodes": 2, "workers_per_node": 4, "gpus_per_worker": 1,
                                  "storage": "/shared/terratorch_runs"}
     assert recipe["data"]["global_batch_size"] == 64  # 8 per device x 4 devices x 2 nodes
-    assert recipe["data"]["train"] == {"tiles": "/data/sen1floods11/train", "image_suffix": "_S2Hand.tif",
-                                       "mask_suffix": "_LabelHand.tif"}
+    assert recipe["data"]["train"] == {"image_root": "/data/sen1floods11/train", "image_glob": "*_S2Hand.tif",
+                                       "label_root": "/data/sen1floods11/train", "label_glob": "*_LabelHand.tif"}
+    assert recipe["data"]["val"]["label_root"] == "/data/sen1floods11/val_labels"  # labels in another folder
+    assert recipe["data"]["dataset_bands"] == recipe["data"]["bands"] and recipe["data"]["no_label_replace"] == -1
     text = out_path.read_text()
     for unmapped in ("ReduceLROnPlateau", "trainer.callbacks", "val_labels", "plot_on_val", "num_workers"):
         assert unmapped in text, unmapped
