@@ -99,3 +99,24 @@ def test_layout_errors_name_the_field(tmp_path):
     cfg["bands"] = ["BLUE", "GREEN", "RED", "NIR", "SWIR_1", "SWIR_2"]
     with pytest.raises(DataConfigError, match=r"data\.bands=.*data\.dataset_bands.*NIR"):
         build_iterator(cfg)
+
+
+def test_recipe_schema_takes_the_layout_and_hands_it_to_the_data_package():
+    from encdec.launcher.errors import RecipeError
+    from encdec.launcher.schema import recipe_from_dict
+
+    base = {"task": "segmentation", "model": {"backbone": "prithvi_eo_tiny", "num_classes": 2},
+            "train": {"max_steps": 1}}
+    recipe = recipe_from_dict({**base, "data": data_section("multicrop")})
+    spec = parse_data_config(recipe.section("data"))
+    assert spec.pixels.dataset_bands == META["layouts"]["multicrop"]["datamodule_args"]["dataset_bands"]
+    layout = spec.splits["train"].layout
+    assert layout is not None and layout.image_glob == "*_merged.tif" and layout.split_file.endswith("training_data.txt")
+    bad = data_section("firescars")
+    bad["train"] = {**bad["train"], "img_grep": "*_merged.tif"}  # TerraTorch's name, not ours: a clear error
+    with pytest.raises(RecipeError, match="img_grep"):
+        recipe_from_dict({**base, "data": bad})
+    both = data_section("firescars")
+    both["train"] = {**both["train"], "tiles": "/x"}
+    with pytest.raises(RecipeError, match="exactly one of 'tiles', 'manifest', 'scenes' or 'image_root'"):
+        recipe_from_dict({**base, "data": both})
