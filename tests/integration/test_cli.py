@@ -83,7 +83,7 @@ BAD_RECIPES: dict[str, tuple[object, list[str]]] = {
     "no_length": (_with(train__max_steps=None), ["train.max_steps", "give exactly one of train.max_steps or "
                                                  "train.epochs"]),
     "two_sources": (_with(data__train={"tiles": "/a", "manifest": "/b.csv"}),
-                    ["data.train", "exactly one of 'tiles', 'manifest' or 'scenes'"]),
+                    ["data.train", "exactly one of 'tiles', 'manifest', 'scenes' or 'image_root'"]),
     "stats_length": (_with(data__means=[1.0, 2.0]), ["data.means", "has 2 values but data.bands has 6",
                                                     "encdec-launch stats"]),
     "batch_not_divisible": (_with(cluster={"workers_per_node": 3}), ["data.global_batch_size", "not divisible by "
