@@ -160,9 +160,22 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 
 def _convert_data(data_cfg: Mapping[str, Any], model: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    from encdec.launcher.convert_data_layout import convert_layout
+
     notes: list[str] = []
+    data, unmapped, args = convert_layout(data_cfg)  # generic and Sen1Floods11 data modules: layouts mapped exactly
+    if data:
+        notes += [f"NOT MAPPED (changes the samples or their values): {u}" for u in unmapped]
+        img = args.pop("img_size", None) or model.get("backbone_img_size")
+        if img:
+            data["img_size"] = int(img)
+        if args.get("batch_size"):
+            data["_batch_size"] = args.pop("batch_size")
+        for key in sorted(args):
+            why = "TerraTorch loader setting" if key in IGNORED_DATA else "no equivalent"
+            notes.append(f"data.init_args.{key}: {why}")
+        return data, notes
     args = dict(data_cfg.get("init_args") or {})
-    data: dict[str, Any] = {}
     bands = args.pop("output_bands", None) or args.pop("dataset_bands", None) or model.get("backbone_bands")
     args.pop("dataset_bands", None)
     if bands:

@@ -234,7 +234,7 @@ def fit(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=recipe.train.max_failures),
-            callbacks=[StopOnDataError()],  # deterministic data errors are not retried (encdec.launcher.failures)
+            callbacks=[StopOnDataError()],  # type: ignore[list-item]  # V2 UserCallback; no retry of data errors
             # the engine prunes its own checkpoints (keep_last + best); Ray must not delete them under it
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": env} if (env := worker_env(recipe)) else None,

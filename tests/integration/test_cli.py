@@ -83,7 +83,7 @@ BAD_RECIPES: dict[str, tuple[object, list[str]]] = {
     "no_length": (_with(train__max_steps=None), ["train.max_steps", "give exactly one of train.max_steps or "
                                                  "train.epochs"]),
     "two_sources": (_with(data__train={"tiles": "/a", "manifest": "/b.csv"}),
-                    ["data.train", "exactly one of 'tiles', 'manifest' or 'scenes'"]),
+                    ["data.train", "exactly one of 'tiles', 'manifest', 'scenes' or 'image_root'"]),
     "stats_length": (_with(data__means=[1.0, 2.0]), ["data.means", "has 2 values but data.bands has 6",
                                                     "encdec-launch stats"]),
     "batch_not_divisible": (_with(cluster={"workers_per_node": 3}), ["data.global_batch_size", "not divisible by "
@@ -273,8 +273,10 @@ def test_convert_terratorch(tmp_path: Path) -> None:
     assert recipe["cluster"] == {"nodes": 2, "workers_per_node": 4, "gpus_per_worker": 1,
                                  "storage": "/shared/terratorch_runs"}
     assert recipe["data"]["global_batch_size"] == 64  # 8 per device x 4 devices x 2 nodes
-    assert recipe["data"]["train"] == {"tiles": "/data/sen1floods11/train", "image_suffix": "_S2Hand.tif",
-                                       "mask_suffix": "_LabelHand.tif"}
+    assert recipe["data"]["train"] == {"image_root": "/data/sen1floods11/train", "image_glob": "*_S2Hand.tif",
+                                       "label_root": "/data/sen1floods11/train", "label_glob": "*_LabelHand.tif"}
+    assert recipe["data"]["val"]["label_root"] == "/data/sen1floods11/val_labels"  # labels in another folder
+    assert recipe["data"]["dataset_bands"] == recipe["data"]["bands"] and recipe["data"]["no_label_replace"] == -1
     text = out_path.read_text()
     for unmapped in ("ReduceLROnPlateau", "trainer.callbacks", "val_labels", "plot_on_val", "num_workers"):
         assert unmapped in text, unmapped

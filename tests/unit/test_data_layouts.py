@@ -102,3 +102,24 @@ def test_layout_errors_name_the_field(tmp_path):
     # a band the files do not have is refused when the section is read (the launcher shows the recipe line)
     with pytest.raises(ValidationError, match=r"data\.bands=.*data\.dataset_bands.*NIR"):
         DataSection.model_validate(cfg)
+
+
+def test_recipe_schema_takes_the_layout_and_hands_it_to_the_data_package():
+    from encdec.launcher.errors import RecipeError
+    from encdec.launcher.validate import recipe_from_dict
+
+    base = {"task": "segmentation", "model": {"backbone": "prithvi_eo_tiny", "num_classes": 2},
+            "train": {"max_steps": 1}}
+    recipe = recipe_from_dict({**base, "data": data_section("multicrop")})
+    spec = recipe.data
+    assert spec.pixels.dataset_bands == META["layouts"]["multicrop"]["datamodule_args"]["dataset_bands"]
+    layout = spec.train.layout
+    assert layout is not None and layout.image_glob == "*_merged.tif" and layout.split_file.endswith("training_data.txt")
+    bad = data_section("firescars")
+    bad["train"] = {**bad["train"], "img_grep": "*_merged.tif"}  # TerraTorch's name, not ours: a clear error
+    with pytest.raises(RecipeError, match="img_grep"):
+        recipe_from_dict({**base, "data": bad})
+    both = data_section("firescars")
+    both["train"] = {**both["train"], "tiles": "/x"}
+    with pytest.raises(RecipeError, match="exactly one of 'tiles', 'manifest', 'scenes' or 'image_root'"):
+        recipe_from_dict({**base, "data": both})
