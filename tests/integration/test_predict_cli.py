@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ BLOCK = {"backbone": "prithvi_eo_tiny", "backbone_pretrained": False, "backbone_
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = {"PYTHONPATH": str(REPO), "PATH": str(SCRIPT.parent), "HOME": str(Path.home())}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{SCRIPT.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, timeout=300, env=env)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
