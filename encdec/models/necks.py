@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from encdec.registry import NECK_REGISTRY
 __all__ = [
     "AddBottleneckLayer",
     "AggregateTokens",
+    "FeaturePyramidNetworkNeck",
     "InterpolateToPyramidal",
     "LearnedInterpolateToPyramidal",
     "MaxpoolToPyramidal",
@@ -414,3 +416,38 @@ class AggregateTokens(Neck):
     def process_channel_list(self, channel_list: list[int]) -> list[int]:
         return [channel_list[i] for i in self.indices]
 
+
+
+@NECK_REGISTRY.register
+class FeaturePyramidNetworkNeck(Neck):
+    """torchvision's ``FeaturePyramidNetwork`` over the maps (TerraTorch's neck of the same name): every level gets
+    ``out_channel`` channels, top-down merged. The module sits at ``fpn`` as in TerraTorch, so keys match.
+
+    Args:
+        channel_list: channels of the incoming maps, shallowest first.
+        out_channel: channels of every output level.
+        output_ordered_dict: must be False. TerraTorch's default True returns an ``OrderedDict``, which its
+            pixel-wise and scalar models then fail to pass to a decoder.
+    """
+
+    def __init__(self, channel_list: Sequence[int], out_channel: int = 256, output_ordered_dict: bool = True) -> None:
+        super().__init__(channel_list)
+        from torchvision.ops import FeaturePyramidNetwork  # torchvision is imported only when this neck is used
+
+        if output_ordered_dict:
+            raise ValueError(
+                "FeaturePyramidNetworkNeck: output_ordered_dict=True returns an OrderedDict, which no decoder takes "
+                "(TerraTorch fails on it too); set output_ordered_dict: false"
+            )
+        if isinstance(out_channel, bool) or not isinstance(out_channel, int) or out_channel < 1:
+            raise ValueError(f"FeaturePyramidNetworkNeck: out_channel must be a positive int, got {out_channel!r}")
+        self.out_channel = out_channel
+        self.fpn = FeaturePyramidNetwork(self.channel_list, out_channel)
+
+    def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> list[Tensor]:
+        check_feature_maps(features, "FeaturePyramidNetworkNeck")
+        named = OrderedDict((f"feat{i}", x) for i, x in enumerate(features))
+        return list(self.fpn(named).values())
+
+    def process_channel_list(self, channel_list: list[int]) -> list[int]:
+        return [self.out_channel] * len(channel_list)

@@ -49,6 +49,9 @@ CASES = [
              [(2, 8, 16, 16), (2, 16, 8, 8), (2, 32, 4, 4), (2, 32, 2, 2)]),
     NeckCase("AggregateTokens", PYR, lambda: [torch.randn(2, 17, c) for c in PYR], [(2, 16), (2, 32)],
              {"indices": [1, -1], "pooling": "max", "drop_cls": True}, channel_dim=-1),
+    NeckCase("FeaturePyramidNetworkNeck", PYR, pyramid_maps, [(2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4),
+                                                              (2, 16, 2, 2)],
+             {"out_channel": 16, "output_ordered_dict": False}),
 ]
 CASE_IDS = [c.name for c in CASES]
 EXTRA_CASES = [  # variants worth running through the same checks
@@ -72,7 +75,14 @@ def _build(case: NeckCase) -> Neck:
 
 def test_every_registered_neck_has_a_case() -> None:
     assert sorted(NECK_REGISTRY.names()) == sorted(CASE_IDS)
-    assert len(NECK_REGISTRY.names()) == 8
+    assert len(NECK_REGISTRY.names()) == 9
+
+
+def test_fpn_neck_has_terratorch_s_keys_and_refuses_the_ordered_dict_output() -> None:
+    neck = NECK_REGISTRY.build("FeaturePyramidNetworkNeck", PYR, out_channel=16, output_ordered_dict=False)
+    assert {"fpn.inner_blocks.0.0.weight", "fpn.layer_blocks.3.0.bias"} <= set(neck.state_dict())
+    with pytest.raises(ValueError, match=r"output_ordered_dict=True returns an OrderedDict, which no decoder takes"):
+        NECK_REGISTRY.build("FeaturePyramidNetworkNeck", PYR, out_channel=16)
 
 
 @pytest.mark.parametrize("case", CASES + EXTRA_CASES, ids=CASE_IDS + [f"{c.name}-{i}" for i, c in enumerate(EXTRA_CASES)])

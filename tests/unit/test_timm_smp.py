@@ -31,7 +31,7 @@ def test_timm_backbones_every_task(name: str, task: str) -> None:
 def test_timm_vit_returns_feature_maps_and_pads_to_patch() -> None:
     enc = BACKBONE_REGISTRY.build("timm_vit_tiny_patch16_224", in_chans=6, img_size=64)
     feats = enc(torch.randn(1, 6, 64, 64))
-    assert enc.patch_size == 16 and [f.shape[1] for f in feats] == enc.out_channels
+    assert enc.max_reduction == 16 and [f.shape[1] for f in feats] == enc.out_channels
     assert all(f.shape[-2:] == (4, 4) for f in feats)
 
 

@@ -60,8 +60,9 @@ class TimmEncoder(nn.Module):
         info: Any = self.model.feature_info
         self.out_channels: list[int] = [int(c) for c in info.channels()]
         self.reductions: list[int] = [int(r) for r in info.reduction()]
-        # Inputs are padded to a multiple of the coarsest stride so every pyramid level has an integer size.
-        self.patch_size = max(self.reductions)
+        # Not named ``patch_size``: the factory's models pad to the first ``patch_size`` they find among the
+        # encoder's modules, as TerraTorch does; a CNN has none (no padding), a timm ViT its ``patch_embed``'s.
+        self.max_reduction = max(self.reductions)
 
     def forward(self, x: Tensor, **_: Any) -> list[Tensor]:
         return list(self.model(x))
