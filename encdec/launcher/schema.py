@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from encdec.config.early_stop import EarlyStopConfig  # issue 16 hook
 from encdec.config.track import TrackConfig  # issue 16 hook
+from encdec.config.tune import TuneConfig  # issue 16 hook
 
 __all__ = [
     "ClusterSection",
@@ -452,6 +453,7 @@ class Recipe(Section):
     train: TrainSection = Field(description="Length, precision, strategy, intervals, fault tolerance.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Nodes, workers, resources, storage.")  # type: ignore[arg-type]
     track: TrackConfig | None = Field(None, description="Experiment tracking: TensorBoard, MLflow, W&B.")  # issue 16 hook
+    tune: TuneConfig | None = Field(None, description="Hyperparameter search (encdec-launch tune).")  # issue 16 hook
     # where each key was written (file line or --set), so later checks (registry names, the build) can say it too
     _origin: Any = PrivateAttr(default=None)
 
@@ -494,7 +496,7 @@ class Recipe(Section):
         out = self.model_dump(mode="json", exclude={"model"})
         out["model"] = _jsonable(self.model.factory_kwargs())
         order = ["task", "run", "model", "loss", "data", "optim", "train", "cluster"]
-        extra = [k for k in ("track",) if out.get(k) is not None]  # issue 16 hook: optional sections when set
+        extra = [k for k in ("track", "tune") if out.get(k) is not None]  # issue 16 hook: optional sections when set
         return {k: out[k] for k in order + extra}
 
 
