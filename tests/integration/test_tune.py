@@ -67,3 +67,27 @@ def test_asha_stops_the_hopeless_trial_and_best_yaml_trains(quick_tiles: Path, t
     shutil.rmtree(temp, ignore_errors=True)
     assert trained.returncode == 0, trained.stdout[-4000:] + trained.stderr[-4000:]
     assert "finished" in trained.stdout
+
+
+def test_optuna_search_and_restore_reruns_no_finished_trial(quick_tiles: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    temp = f"/tmp/ray-o{os.getpid()}"
+    args = ["tune", *quick_args(quick_tiles, storage, "--workers-per-node", "1", "--ray-temp-dir", temp,
+                                "--set", "train.max_steps=4", "--set", "train.val_every=4", "--set", "train.log_every=4",
+                                "--set", "run.export=false", "--set", "tune.search=optuna",
+                                "--set", "tune.scheduler=none"),
+            "--search", "optim.lr=loguniform(1e-4, 1e-2)", "--trials", "2", "--search-dir", str(tmp_path / "opt")]
+    out = launch(args, timeout=1200)
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
+    assert "search optuna" in out.stdout
+    rows = list(csv.DictReader(open(tmp_path / "opt" / "results.csv")))
+    assert len(rows) == 2 and all(r["status"] == "finished" and 1e-4 <= float(r["optim.lr"]) <= 1e-2 for r in rows)
+    lines = {r["run_dir"]: len((Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()) for r in rows}
+    # as if the driver died after the trials and before the table: rerunning restores the Tune experiment, whose
+    # trials have all terminated, so none trains again
+    (tmp_path / "opt" / "results.csv").unlink()
+    again = launch(args, timeout=600)
+    shutil.rmtree(temp, ignore_errors=True)
+    assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
+    rows = list(csv.DictReader(open(tmp_path / "opt" / "results.csv")))
+    assert {r["run_dir"]: len((Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()) for r in rows} == lines
