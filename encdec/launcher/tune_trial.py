@@ -46,11 +46,18 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str, 
     check_capacity(recipe)
     run_dir = open_run_dir(recipe, Path(search_dir) / "runs" / trial_id, "tune")
 
+    from encdec.track import open_tracker
+
+    # a trial is tracked like any run (track:): its own TensorBoard folder / MLflow run / W&B run
+    tracker = open_tracker(recipe.track, run_dir, recipe.to_yaml_dict())
+
     def forward(m: dict[str, Any]) -> None:
+        if tracker is not None:
+            tracker.log(m)
         if isinstance(m.get(metric), (int, float)):
             tune.report({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     outcome = fit(recipe, run_dir, on_metrics=forward)
-    finish_run(recipe, run_dir, outcome, Console(file=io.StringIO(), width=160))
+    finish_run(recipe, run_dir, outcome, Console(file=io.StringIO(), width=160), tracker=tracker)
     if outcome.error is not None:
         raise outcome.error

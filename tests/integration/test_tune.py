@@ -75,13 +75,15 @@ def test_optuna_search_and_restore_reruns_no_finished_trial(quick_tiles: Path, t
     args = ["tune", *quick_args(quick_tiles, storage, "--workers-per-node", "1", "--ray-temp-dir", temp,
                                 "--set", "train.max_steps=4", "--set", "train.val_every=4", "--set", "train.log_every=4",
                                 "--set", "run.export=false", "--set", "tune.search=optuna",
-                                "--set", "tune.scheduler=none"),
+                                "--set", "tune.scheduler=none", "--set", "track.tensorboard=true"),
             "--search", "optim.lr=loguniform(1e-4, 1e-2)", "--trials", "2", "--search-dir", str(tmp_path / "opt")]
     out = launch(args, timeout=1200)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
     assert "search optuna" in out.stdout
     rows = list(csv.DictReader(open(tmp_path / "opt" / "results.csv")))
     assert len(rows) == 2 and all(r["status"] == "finished" and 1e-4 <= float(r["optim.lr"]) <= 1e-2 for r in rows)
+    for r in rows:  # each trial is tracked like a run (track.tensorboard)
+        assert list((Path(r["run_dir"]) / "tensorboard").glob("events.out.tfevents.*")), r
     lines = {r["run_dir"]: len((Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()) for r in rows}
     # as if the driver died after the trials and before the table: rerunning restores the Tune experiment, whose
     # trials have all terminated, so none trains again
