@@ -25,7 +25,7 @@ from encdec._version import __version__
 __all__ = ["build_parser", "main"]
 
 SUBCOMMANDS = ("run", "plan", "recipe", "status", "logs", "stop", "export", "convert-terratorch", "make-data", "stats",
-               "predict", "evaluate")
+               "predict", "evaluate", "tune")
 EPILOG = """examples:
   encdec-launch recipes/quickstart.yaml                      train on a local Ray cluster started for the run
   encdec-launch recipes/prithvi_lora.yaml --nodes 8 --dry-run   plan: parameters, memory per strategy, launch spec
@@ -86,6 +86,25 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     _add_slurm_flags(p)
 
 
+def _tune_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("tune", help="hyperparameter search on Ray Tune (each trial a normal run)",
+                       description="Search recipe values on Ray Tune: ASHA stops bad trials early; the result is a "
+                       "table, results.csv, trials.png and best.yaml. Rerun the same command to continue a search.")
+    p.add_argument("recipe")
+    p.add_argument("--search", action="append", default=[], metavar="KEY=SPACE",
+                   help="a space on a recipe key: choice(a,b,...), uniform(lo,hi), loguniform(lo,hi), randint(lo,hi); "
+                   "repeatable (adds to tune.space)")
+    p.add_argument("--trials", type=int, help="number of trials (tune.trials)")
+    _add_recipe_flags(p)
+    p.add_argument("--search-dir", help="where the search lives (default STORAGE/<run.name>-search)")
+    p.add_argument("--resume", metavar="SEARCH_DIR", help="continue the search in SEARCH_DIR")
+    p.add_argument("--address", help="join an existing Ray cluster instead of starting a local one")
+    p.add_argument("--simulate-nodes", type=int, metavar="N", help="start N Ray nodes on this machine")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines")
+    p.add_argument("--ray-temp-dir", help="temp dir of the local Ray cluster")
+    p.add_argument("--dashboard-port", type=int, help="dashboard port of the local Ray cluster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser (subcommands; a bare recipe path means ``run``)."""
     parser = argparse.ArgumentParser(
@@ -133,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     from encdec.launcher.predict_cmd import add_parsers  # argparse only: no torch/ray at import
 
     add_parsers(sub)
-
+    _tune_parser(sub)
     sub.add_parser("make-data", help="write a synthetic HLS-like tile set", add_help=False)
     sub.add_parser("stats", help="per-band means/stds and class frequencies of tiles", add_help=False)
     return parser
@@ -175,6 +194,10 @@ def _dispatch(command: str) -> Callable[[argparse.Namespace], int]:
         from encdec.launcher import predict_cmd
 
         return predict_cmd.predict_command if command == "predict" else predict_cmd.evaluate_command
+    if command == "tune":
+        from encdec.launcher.tune_cmd import tune_command
+
+        return tune_command
     if command == "convert-terratorch":
         from encdec.launcher.convert_terratorch import convert_command
 

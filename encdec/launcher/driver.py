@@ -261,7 +261,9 @@ def fit(
         else:
             raise KeyboardInterrupt
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    # issue 16 hook: a Ray Tune trial calls fit from a thread, where Python allows no signal handlers (Tune stops it)
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)} if main else {}
     for s in previous:
         signal.signal(s, handler)
     start = time.perf_counter()

@@ -41,6 +41,7 @@ from encdec.config import (
 )
 from encdec.config.names import TaskName
 from encdec.config.track import TrackConfig
+from encdec.config.tune import TuneConfig
 
 __all__ = [
     "HLS_BANDS",
@@ -82,6 +83,7 @@ class Recipe(Section):
     train: TrainSection = Field(description="Length, precision, strategy, intervals, fault tolerance.")
     cluster: ClusterSection = Field(default_factory=ClusterSection, description="Nodes, workers, resources, storage.")  # type: ignore[arg-type]
     track: TrackConfig | None = Field(None, description="Experiment tracking: TensorBoard, MLflow, W&B.")
+    tune: TuneConfig | None = Field(None, description="Hyperparameter search (encdec-launch tune).")
     # where each key was written (file line or --set), so later checks (registry names, the build) can say it too
     _origin: Any = PrivateAttr(default=None)
 
@@ -102,7 +104,7 @@ class Recipe(Section):
         out = self.model_dump(mode="json", exclude={"model"})
         out["model"] = _jsonable(self.model.factory_kwargs())
         order = ["task", "run", "model", "loss", "data", "optim", "train", "cluster"]
-        extra = [k for k in ("track",) if out.get(k) is not None]  # optional sections, when set
+        extra = [k for k in ("track", "tune") if out.get(k) is not None]  # optional sections, when set
         return {k: out[k] for k in order + extra}
 
 

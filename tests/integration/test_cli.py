@@ -73,7 +73,7 @@ def _with(**changes: object) -> dict:
 
 BAD_RECIPES: dict[str, tuple[object, list[str]]] = {
     "yaml_syntax": ("task: segmentation\nmodel:\n  backbone: x\n   decoder: y\n", ["is not valid YAML", ".yaml:4"]),
-    "unknown_section": (_with(trian={"max_steps": 1}), ["trian", "is not a recipe key", "Did you mean 'train'?"]),
+    "unknown_section": (_with(trian={"max_steps": 1}), ["trian", "is not a recipe key", "Did you mean 'train'"]),
     "misspelt_key": (_with(optim={"lerning_rate": 0.1}), ["optim.lerning_rate", "Allowed here:", "lr"]),
     "task_typo": (_with(task="segmentaion"), ["task", "Did you mean 'segmentation'?"]),
     "bad_strategy": (_with(train__strategy="fsdp2"), ["train.strategy", "use one of none, ddp, fsdp, deepspeed",

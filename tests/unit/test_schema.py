@@ -64,7 +64,7 @@ def test_every_field_is_described() -> None:
 
 def test_json_schema_has_every_section() -> None:
     schema = json_schema()
-    assert set(schema["properties"]) == {"task", "run", "model", "loss", "data", "optim", "train", "cluster", "track"}
+    assert set(schema["properties"]) == {"task", "run", "model", "loss", "data", "optim", "train", "cluster", "track", "tune"}
     json.dumps(schema)
 
 
