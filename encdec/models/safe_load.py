@@ -7,7 +7,7 @@ write in this process is read here:
 
 1. ``torch.load(weights_only=True)``: torch's own hardened unpickler. Plain state dicts, our run checkpoints'
    optimizer groups and most model files load this way.
-2. If that refuses a global, a second pass through a restricted unpickler (``_SafeUnpickler``). It returns a
+2. If that fails (a global outside torch's allowlist), a second pass through a restricted unpickler (``_SafeUnpickler``). It returns a
    real object only for an allowlist (:func:`allowed_globals`: what torch's ``weights_only`` unpickler allows
    - tensor rebuilders, storages, dtypes, ``torch.Size``, ``collections.OrderedDict`` - plus builtin containers
    and numpy arrays/dtypes/scalars, which hold our RNG states). Every other global becomes an inert stand-in
@@ -16,8 +16,9 @@ write in this process is read here:
    stand-ins and on the few types whose ``__setstate__`` only copies data (tensors, ndarrays, dtypes,
    ``OrderedDict``), so no allowlisted object can be re-wired either.
 
-Lightning checkpoints pickle hyper-parameters and callback states as objects of Lightning's and TerraTorch's
-classes: with stand-ins they load, and their ``state_dict`` tensors are real tensors.
+Lightning checkpoints may pickle hyper-parameters and callback states as objects of Lightning's, TerraTorch's or
+OmegaConf's classes (a TerraTorch 1.2.11 + Lightning 2.6 checkpoint holds none and loads in step 1): with
+stand-ins they load, and their ``state_dict`` tensors are real tensors.
 """
 
 from __future__ import annotations

@@ -43,10 +43,13 @@ def test_bad_sections(section: dict, match: str) -> None:
 def test_strategy_options() -> None:
     cfg = TrainSection(max_steps=1, strategy="deepspeed", zero_stage=2)
     opts = strategy_options(cfg, peft=True, global_batch_size=16, grad_accum=2, world_size=4)
-    assert opts == {"adapter_only": True, "zero_stage": 2, "micro_batch": 2}
-    full = TrainSection(max_steps=1, strategy="fsdp", adapter_only=False)
-    assert strategy_options(full, peft=True, global_batch_size=16, grad_accum=1, world_size=2) == {
-        "adapter_only": False, "reshard_after_forward": True, "build_on_rank0": True}
+    assert {k: opts[k] for k in ("adapter_only", "zero_stage", "micro_batch")} == {
+        "adapter_only": True, "zero_stage": 2, "micro_batch": 2}
+    assert opts["pg_timeout_s"] == 1800 and "reshard_after_forward" not in opts
+    full = TrainSection(max_steps=1, strategy="fsdp", adapter_only=False, pg_timeout_s=60)
+    opts = strategy_options(full, peft=True, global_batch_size=16, grad_accum=1, world_size=2)
+    assert {k: opts[k] for k in ("adapter_only", "reshard_after_forward", "build_on_rank0", "pg_timeout_s")} == {
+        "adapter_only": False, "reshard_after_forward": True, "build_on_rank0": True, "pg_timeout_s": 60}
     every_rank = TrainSection(max_steps=1, strategy="fsdp", build_on_rank0=False)
     opts = strategy_options(every_rank, peft=False, global_batch_size=16, grad_accum=1, world_size=2)
     assert opts["build_on_rank0"] is False and opts["adapter_only"] is False

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from encdec.config import LossSection
 from encdec.train.losses import build_loss
 from encdec.train.metrics import LossMeter, RegressionMetrics, SegmentationMetrics, build_metrics
 
@@ -58,7 +59,7 @@ def test_classification_metrics() -> None:
 
 
 def test_loss_meter_equals_loss_over_all_batches() -> None:
-    loss = build_loss("segmentation", {"name": "ce"})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce"}))
     logits = torch.randn(4, 3, 5, 5)
     mask = torch.randint(0, 3, (4, 5, 5))
     mask[0] = -1
@@ -85,7 +86,7 @@ def _metrics_of(idx: slice) -> dict[str, float]:
     seg.update(logits[idx], mask[idx])
     reg = RegressionMetrics()
     reg.update(reg_pred[idx], reg_target[idx])
-    meter = LossMeter(build_loss("segmentation", {"name": "ce"}))
+    meter = LossMeter(build_loss("segmentation", LossSection.model_validate({"name": "ce"})))
     meter.update(logits[idx], {"mask": mask[idx]})
     return {**seg.compute(), **reg.compute(), "loss": meter.compute()}
 
@@ -127,14 +128,14 @@ def test_metrics_are_exact_across_ranks() -> None:
 def test_valid_mask_leaves_padded_samples_out_of_every_metric() -> None:
     """evaluate() passes TaskLoss.valid_mask(batch): padded samples (sample_id -1) are not counted even where
     their target would be (ignore_index None, or a finite regression target)."""
-    loss = build_loss("segmentation", {"name": "ce", "ignore_index": None})
+    loss = build_loss("segmentation", LossSection.model_validate({"name": "ce", "ignore_index": None}))
     target = torch.tensor([[[-1, -1]], [[0, 1]]])
     batch = {"mask": target, "sample_id": torch.tensor([-1, 7])}
     seg = SegmentationMetrics(2, ignore_index=None)
     seg.update(_onehot_logits(torch.tensor([[[0, 0]], [[0, 1]]]), 2), target, valid=loss.valid_mask(batch))
     assert seg.compute()["accuracy"] == 1.0 and float(seg.confusion.sum()) == 2.0
 
-    reg_loss = build_loss("regression", {"name": "mse"})
+    reg_loss = build_loss("regression", LossSection.model_validate({"name": "mse"}))
     reg_target = torch.tensor([[5.0, 5.0], [1.0, float("nan")]])
     reg = RegressionMetrics()
     reg.update(torch.zeros(2, 2), reg_target, valid=reg_loss.valid_mask({"mask": reg_target, "sample_id": torch.tensor([-1, 3])}))

@@ -233,3 +233,12 @@ def test_round1_dcp_checkpoint_without_pos_embed_resumes(tmp_path: Path) -> None
     assert new.load(tmp_path / "step_1")["step"] == 1
     assert torch.equal(new.module.encoder.pos_embed, old.module.encoder.pos_embed)
     assert torch.equal(new.module.head.final.weight, old.module.head.final.weight)
+
+
+def test_backbone_patch_size_sets_the_tubelet_and_time_is_padded_to_it() -> None:
+    model = build_model("segmentation", decoder="FCNDecoder", num_classes=2, decoder_channels=8,
+                        backbone_patch_size=[2, 16, 16], backbone_num_frames=4,
+                        necks=[{"name": "ReshapeTokensToImage", "effective_time_dim": 2}], **TINY).eval()
+    assert model.encoder.patch_size == (2, 16, 16)
+    with torch.no_grad():  # T 3 -> 4 (reflect at the end), H/W 20 -> 32
+        assert model(torch.randn(1, 6, 3, 20, 20)).output.shape == (1, 2, 20, 20)

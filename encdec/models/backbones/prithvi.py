@@ -119,6 +119,7 @@ VARIANTS: dict[str, PrithviVariant] = {
 _KWARGS = (
     "pretrained", "ckpt_path", "bands", "pretrained_bands", "num_frames", "img_size", "drop_path_rate",
     "drop_path", "encoder_only", "out_indices", "in_chans", "in_channels", "coords_encoding", "coords_scale_learn",
+    "patch_size",
 )
 
 
@@ -139,6 +140,7 @@ def build_prithvi(
     in_channels: int | None = None,
     coords_encoding: Sequence[str] | None = None,
     coords_scale_learn: bool | None = None,
+    patch_size: int | Sequence[int] | None = None,
     **unsupported: Any,
 ) -> PrithviViT:
     """Build a Prithvi-EO-2.0 encoder (the registered names call this with their variant).
@@ -160,6 +162,8 @@ def build_prithvi(
             TerraTorch's name for it.
         coords_encoding: ``["time"]``, ``["location"]``, both or ``[]``; default the variant's (both for ``_tl``).
             A checkpoint without the encodings (non-``_tl``) leaves them at their initial scale, as TerraTorch.
+        patch_size: (t, h, w) tubelet, or an int for (1, p, p); default the variant's (a pretrained file must
+            have been trained with it).
         coords_scale_learn: learnable coordinate scales; default True for ``_tl`` variants, else False (a fixed
             1.0), TerraTorch's defaults.
 
@@ -223,7 +227,7 @@ def build_prithvi(
             embed_dim=spec.embed_dim,
             depth=spec.depth,
             num_heads=spec.num_heads,
-            patch_size=spec.patch_size,
+            patch_size=spec.patch_size if patch_size is None else patch_size,
             bands=model_bands,
             img_size=img_size,
             num_frames=num_frames,
