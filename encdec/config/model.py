@@ -69,7 +69,28 @@ class ModelSection(BaseModel):
     necks: list[NeckSpec] | None = Field(None, description="Necks applied in order between encoder and decoder.")
     aux_decoders: list[AuxDecoderSpec] | None = Field(None, description="Auxiliary decoders + heads.")
     rescale: bool = Field(True, description="Interpolate pixel-wise outputs to the input size.")
+    image_size_out: tuple[int, int] | None = Field(
+        None, description="Pixel-wise tasks: interpolate outputs to this [H, W] instead of the input size."
+    )
     peft_config: PeftSection | None = Field(None, description="PEFT (LoRA) on the backbone; null = full fine-tune.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _num_outputs_alias(cls, data: Any) -> Any:
+        """TerraTorch's ``num_outputs`` (regression blocks) is ``num_classes`` here: one name downstream."""
+        from pydantic_core import PydanticCustomError
+
+        if isinstance(data, dict) and "num_outputs" in data:
+            data = dict(data)
+            value = data.pop("num_outputs")
+            if data.get("num_classes") is not None and value is not None:
+                raise PydanticCustomError(
+                    "num_outputs_alias", "num_outputs={value} and num_classes={classes} are both given; give one of them",
+                    {"value": value, "classes": data["num_classes"]},
+                )
+            if value is not None:
+                data["num_classes"] = value
+        return data
 
     @model_validator(mode="after")
     def _prefixed_extras(self) -> ModelSection:

@@ -261,3 +261,14 @@ def test_round1_run_recipes_still_load() -> None:
         recipe = load_recipe(Path(__file__).parent / "fixtures" / "round1_run" / run / "recipe.yaml")
         assert recipe.train.max_steps == 4 and recipe.train.pg_timeout_s == 1800
         assert (recipe.model.peft_config is not None) == (run == "lora")
+
+
+def test_terratorch_num_outputs_and_image_size_out() -> None:
+    """TerraTorch regression blocks say ``num_outputs``; ``image_size_out`` is a build_model argument too."""
+    model = {**MINIMAL["model"], "num_outputs": 1, "image_size_out": [48, 40]}
+    model.pop("num_classes", None)
+    recipe = recipe_from_dict({**MINIMAL, "task": "regression", "model": model})
+    assert recipe.model.num_classes == 1 and recipe.model.image_size_out == (48, 40)
+    assert "num_outputs" not in recipe.model.factory_kwargs()
+    with pytest.raises(RecipeError, match="num_outputs=1 and num_classes=2 are both given"):
+        recipe_from_dict({**MINIMAL, "model": {**MINIMAL["model"], "num_outputs": 1, "num_classes": 2}})
