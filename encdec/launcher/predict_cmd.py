@@ -256,6 +256,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """CLI body of ``encdec-launch evaluate``: predict scenes, then compare with reference rasters."""
     from encdec.predict.evaluate import evaluate_scenes
 
+    if args.split:
+        from encdec.launcher.evaluate_split import evaluate_split
+
+        if args.scenes or args.references:
+            raise LaunchError("--split evaluates the recipe's tiles; --scenes/--references evaluate whole scenes. "
+                              "Fix: give one or the other.")
+        spec = resolve_model(args.model, checkpoint=args.checkpoint, overrides=tuple(args.overrides))
+        out = Path(args.output or Path(args.model) / f"evaluate_{args.split}")
+        result = evaluate_split(spec, args.split, out)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class")}, indent=1))
+        print(f"wrote {out / 'metrics.json'} and {out / 'metrics.csv'}")
+        return 0
     if not args.scenes or not args.references or len(args.scenes) != len(args.references):
         raise LaunchError(f"--scenes ({len(args.scenes or [])}) and --references ({len(args.references or [])}) "
                           f"must pair one reference raster per scene. Fix: give both lists in the same order.")
@@ -289,6 +301,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         else:
             p = sub.add_parser("evaluate", help="metrics of a model on whole scenes against reference rasters")
             p.add_argument("model", metavar="MODEL", help="run directory or export folder")
+            p.add_argument("--split", choices=["test", "val"],
+                           help="evaluate the recipe's data.test/data.val tiles (instead of --scenes/--references)")
             p.add_argument("--scenes", nargs="+", help="scenes to predict")
             p.add_argument("--references", nargs="+", help="reference rasters, one per scene, same grid")
             p.add_argument("-o", "--output", help="output folder (default MODEL/evaluate)")
