@@ -24,8 +24,16 @@ test: setup
 	bash tests/cluster/local-slurm.sh up >/dev/null || [ "$$CI" != "true" ] || { bash tests/cluster/local-slurm.sh logs; exit 1; }
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Train the quickstart, then predict one synthetic scene with the model it trained (its newest run directory,
+# runs/quickstart-<timestamp>, and the export the launcher writes there when the run finishes).
+DEMO_SCENE := data/quickstart/demo_scene.tif
 demo: setup
 	$(VENV)/bin/encdec-launch recipes/quickstart.yaml
+	$(PY) -c "from encdec.data.synthetic import write_scene; write_scene('$(DEMO_SCENE)', 128, seed=7)"
+	@run=$$(ls -td runs/quickstart-*/ | head -n 1); run=$${run%/}; \
+	model=$$run/export; [ -f $$model/model.yaml ] || model=$$run; \
+	$(VENV)/bin/encdec-launch predict $$model $(DEMO_SCENE) -o $$run/predict --overwrite && \
+	echo "map: $$run/predict/demo_scene.tif  quicklook: $$run/predict/demo_scene.png"
 
 lint: setup
 	$(VENV)/bin/ruff check encdec tests benchmarks

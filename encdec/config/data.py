@@ -111,7 +111,7 @@ class DataSection(PixelLayout, Section):
 
     train: DataSource = Field(description="Training samples.")
     val: DataSource | None = Field(None, description="Held-out samples for validation (one pass, no augmentation).")
-    test: DataSource | None = Field(None, description="Test samples (evaluated by `encdec-launch export --eval`).")
+    test: DataSource | None = Field(None, description="Test samples (evaluated by `encdec-launch evaluate MODEL --split test`).")
     bands: list[str | int] = Field(
         default_factory=lambda: list[str | int](HLS_BANDS),
         min_length=1,

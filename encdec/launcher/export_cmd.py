@@ -6,7 +6,8 @@ a resume would (same build order: build -> pretrained weights -> qkv split + PEF
 and q/k/v re-fused (``encdec.models.export.merge_and_export``). Written to ``RUN_DIR/export/``:
 
 * ``model.safetensors``: the plain state dict (``strict=True`` into the model block below);
-* ``model.yaml``: ``task`` and the ``model`` block without ``peft_config`` (what builds the plain model);
+* ``model.yaml``: ``task``, the ``model`` block without ``peft_config`` (what builds the plain model) and the
+  ``data`` block predict preprocesses scenes with (:func:`inference_data`);
 * ``prithvi_backbone.safetensors`` with ``--official-prithvi``: the backbone in the official key layout.
 """
 
@@ -21,7 +22,7 @@ import yaml
 
 from encdec.launcher.errors import LaunchError
 
-__all__ = ["export_command", "export_run", "pick_checkpoint"]
+__all__ = ["export_command", "export_run", "inference_data", "pick_checkpoint"]
 
 
 def pick_checkpoint(run_dir: Path, recipe: Any) -> Path:
@@ -76,6 +77,17 @@ def restore(run_dir: Path, recipe: Any, ckpt: Path) -> Any:
     return strategy.module
 
 
+def inference_data(recipe: Any) -> dict[str, Any]:
+    """What predict needs to turn a file's pixels into this model's input, exactly as training did
+    (``encdec.data.preprocess``): bands, the statistics in use (the HLS defaults resolved), ``constant_scale``,
+    ``dataset_bands``, ``no_data_replace``, ``img_size``, ``num_frames``."""
+    data = recipe.data
+    means, stds = data.stats()
+    return {"bands": list(data.bands), "means": list(means), "stds": list(stds),
+            "constant_scale": data.constant_scale, "dataset_bands": data.dataset_bands,
+            "no_data_replace": data.no_data_replace, "img_size": data.img_size, "num_frames": data.num_frames}
+
+
 def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out: str | Path | None = None,
                official_prithvi: bool = False) -> Path:
     """Write the consolidated model of a run; returns the ``model.safetensors`` path.
@@ -111,7 +123,7 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
     tmp = out_dir / "model.safetensors.part"
     save_file(state, str(tmp), metadata={"run": run_dir.name, "checkpoint": ckpt.name, "task": recipe.task})
     os.replace(tmp, target)
-    doc = {"task": recipe.task, "model": {**plain_block, "backbone_pretrained": False}}
+    doc = {"task": recipe.task, "model": {**plain_block, "backbone_pretrained": False}, "data": inference_data(recipe)}
     (out_dir / "model.yaml").write_text(
         f"# load with: build_model(task, **model) then load_state_dict(safetensors.torch.load_file("
         f"'{target.name}'), strict=True)\n# from {ckpt}\n" + yaml.safe_dump(doc, sort_keys=False)

@@ -1,13 +1,14 @@
 """``encdec-launch predict MODEL SCENES... -o OUT`` and ``encdec-launch evaluate``: the CLI over ``encdec.predict``.
 
 MODEL is a run directory (its ``recipe.yaml`` + a checkpoint: ``--checkpoint best|last|PATH``) or an export folder
-(``model.yaml`` + ``model.safetensors``; the recipe of the run it came from, ``../recipe.yaml``, gives the data
-settings when present). What the recipe gives predict: task, bands, means/stds, ``img_size`` (the window),
-precision. ``--set tiled.KEY=VALUE`` sets TerraTorch's tiled-inference parameters; other ``--set`` keys override
+(``model.yaml`` + ``model.safetensors``; its ``data:`` block, else the recipe of the run it came from,
+``../recipe.yaml``, gives the data settings). Scenes are preprocessed exactly as training tiles are
+(``encdec.data.preprocess`` with the ``data:`` section: bands by name incl. ``dataset_bands``, ``constant_scale``,
+means/stds, ``no_data_replace``); ``img_size`` is the window; the recipe's precision is used. ``--set tiled.KEY=VALUE`` sets TerraTorch's tiled-inference parameters; other ``--set`` keys override
 the recipe as for training.
 
-The model is built by :func:`load_run_model`, the one place to swap for the engine's ``build_run_model``. This
-module imports neither torch nor ray at import time (``--help`` stays fast).
+The model is built by :func:`load_run_model` (run directories: ``export_cmd.restore``, i.e. ``build_run_model`` +
+the checkpoint). This module imports neither torch nor ray at import time (``--help`` stays fast).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encdec.config import DataSection
 from encdec.launcher.errors import LaunchError
 
 __all__ = ["ModelSpec", "add_parsers", "evaluate_command", "load_run_model", "predict_command", "resolve_model"]
@@ -28,7 +30,7 @@ __all__ = ["ModelSpec", "add_parsers", "evaluate_command", "load_run_model", "pr
 @dataclass(frozen=True)
 class ModelSpec:
     """A MODEL argument resolved: how to build the model (picklable: each Ray worker loads it) and the data
-    settings predict needs."""
+    settings predict needs (``data``: the ``data:`` section training preprocessed its tiles with)."""
 
     kind: str  # "run" or "export"
     path: Path
@@ -37,9 +39,7 @@ class ModelSpec:
     model_block: dict[str, Any]
     recipe_path: Path | None
     overrides: tuple[str, ...] = ()
-    bands: tuple[int | str, ...] | None = None
-    means: tuple[float, ...] | None = None
-    stds: tuple[float, ...] | None = None
+    data: DataSection | None = None
     img_size: int = 224
     precision: str = "fp32"
     class_names: tuple[str, ...] | None = None
@@ -50,8 +50,9 @@ class ModelSpec:
 
 
 def load_run_model(spec: ModelSpec) -> Any:
-    """Build the run's model with its trained weights, in this process (today's loaders: ``export_cmd.restore``
-    for run directories, ``build_model`` + ``model.safetensors`` for export folders)."""
+    """Build the model with its trained weights, in this process: a run directory as ``export`` restores it
+    (``build_run_model`` with real adapters + the checkpoint), an export folder as its ``model.yaml`` says
+    (``build_model(task, **model)`` + ``model.safetensors``, strict)."""
     from encdec.models import build_model
 
     if spec.kind == "export":
@@ -77,11 +78,24 @@ def load_run_model(spec: ModelSpec) -> Any:
     return restore(spec.path, recipe, ckpt)
 
 
+def export_data_section(block: dict[str, Any], where: Path) -> DataSection:
+    """An export's ``data:`` block (``model.yaml``) as the section ``encdec.data.preprocess`` takes.
+
+    The section needs a training source to validate; an export has none, and predict never reads one: the export
+    folder stands in (nothing is read from it as tiles).
+    """
+    from pydantic import ValidationError
+
+    try:
+        return DataSection.model_validate({**block, "train": {"tiles": str(where)}, "global_batch_size": 1})
+    except ValidationError as e:
+        raise LaunchError(f"{where / 'model.yaml'}: its data: block is invalid ({e}). Fix: re-export the run with "
+                          f"`encdec-launch export RUN_DIR`.") from e
+
+
 def resolve_model(model: str, *, checkpoint: str | None = None, overrides: tuple[str, ...] = ()) -> ModelSpec:
     """Read a MODEL argument's recipe/model.yaml (no weights) into a :class:`ModelSpec`."""
     import yaml
-
-    from encdec.data.config import parse_data_config
 
     path = Path(model).resolve()
     recipe_path: Path | None
@@ -95,29 +109,27 @@ def resolve_model(model: str, *, checkpoint: str | None = None, overrides: tuple
                           f"folder (model.yaml + model.safetensors). Fix: pass runs/<name> or runs/<name>/export "
                           f"(`encdec-launch export RUN_DIR` writes one).")
     tiled_free = tuple(o for o in overrides if not o.startswith("tiled."))
-    data: dict[str, Any] = {}
+    data: DataSection | None = None
     task, block, precision = "segmentation", {}, "fp32"
+    names: list[str] | None = None
     if recipe_path is not None:
         from encdec.launcher.validate import load_recipe
 
         recipe = load_recipe(recipe_path, tiled_free)
-        task, block, data = recipe.task, recipe.section("model"), recipe.section("data")
-        precision = recipe.section("train").get("precision", "fp32")
+        task, block, data = recipe.task, recipe.model.factory_kwargs(), recipe.data
+        precision = recipe.train.precision
     if kind == "export":
         doc = yaml.safe_load((path / "model.yaml").read_text())
         task, block = doc["task"], doc["model"]
-        data = doc.get("data") or data
+        if doc.get("data"):  # what the export says wins: the weights were trained with it
+            data = export_data_section(doc["data"], path)
+        names = doc.get("class_names")
     if task not in ("segmentation", "regression"):
         raise LaunchError(f"task={task!r}: predict writes maps for pixel-wise tasks (allowed: segmentation, "
                           f"regression). Fix: evaluate classification models on their test split.")
-    spec = parse_data_config({k: v for k, v in data.items() if k in ("bands", "means", "stds", "img_size")}) \
-        if data else None
-    names = block.get("class_names") if isinstance(block, dict) else None
-    block = {k: v for k, v in block.items() if k != "class_names"}
-    return ModelSpec(kind, path, checkpoint, task, block, recipe_path, tiled_free,
-                     bands=spec.bands if spec else None, means=spec.means if spec else None,
-                     stds=spec.stds if spec else None, img_size=spec.img_size if spec else 224,
-                     precision=str(precision), class_names=tuple(names) if names else None, name=path.name)
+    return ModelSpec(kind, path, checkpoint, task, block, recipe_path, tiled_free, data=data,
+                     img_size=data.img_size if data else 224, precision=str(precision),
+                     class_names=tuple(names) if names else None, name=path.name)
 
 
 def tiled_from(spec: ModelSpec, overrides: list[str], batch_size: int | None) -> Any:
@@ -178,8 +190,7 @@ def _mb(n: float) -> str:
 def _dry_run(spec: ModelSpec, args: argparse.Namespace, tiled: Any, out_spec: Any) -> int:
     from encdec.predict.api import plan_predict, worker_memory_bytes
 
-    plans, bad = plan_predict(args.scenes, args.output, tiled=tiled, spec=out_spec, bands=spec.bands,
-                              expect_bands=len(spec.bands) if spec.bands else None, strip_rows=args.strip_rows)
+    plans, bad = plan_predict(args.scenes, args.output, tiled=tiled, spec=out_spec, strip_rows=args.strip_rows)
     k = 1 if spec.task == "regression" else int(spec.model_block.get("num_classes", 2))
     t = tiled.resolve()
     print(f"model {spec.path} ({spec.kind}, task {spec.task}, {k} output channels); tiled: crop {t.h_crop}x"
@@ -212,8 +223,7 @@ def predict_command(args: argparse.Namespace) -> int:
     workers = args.workers or (args.nodes or 1)
     cluster = _connect(args) if workers > 1 or args.address else None
     try:
-        res = predict(spec, args.scenes, args.output, task=spec.task, tiled=tiled, means=spec.means,  # type: ignore[arg-type]
-                      stds=spec.stds, bands=spec.bands, expect_bands=len(spec.bands) if spec.bands else None,
+        res = predict(spec, args.scenes, args.output, task=spec.task, tiled=tiled, data=spec.data,  # type: ignore[arg-type]
                       class_names=spec.class_names, probabilities=args.probabilities, overwrite=args.overwrite,
                       precision=_precision(spec.precision), device=args.device, workers=workers,  # type: ignore[arg-type]
                       cpus_per_worker=args.cpus_per_worker, strip_rows=args.strip_rows,
@@ -246,6 +256,18 @@ def evaluate_command(args: argparse.Namespace) -> int:
     """CLI body of ``encdec-launch evaluate``: predict scenes, then compare with reference rasters."""
     from encdec.predict.evaluate import evaluate_scenes
 
+    if args.split:
+        from encdec.launcher.evaluate_split import evaluate_split
+
+        if args.scenes or args.references:
+            raise LaunchError("--split evaluates the recipe's tiles; --scenes/--references evaluate whole scenes. "
+                              "Fix: give one or the other.")
+        spec = resolve_model(args.model, checkpoint=args.checkpoint, overrides=tuple(args.overrides))
+        out = Path(args.output or Path(args.model) / f"evaluate_{args.split}")
+        result = evaluate_split(spec, args.split, out)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("confusion_matrix", "per_class")}, indent=1))
+        print(f"wrote {out / 'metrics.json'} and {out / 'metrics.csv'}")
+        return 0
     if not args.scenes or not args.references or len(args.scenes) != len(args.references):
         raise LaunchError(f"--scenes ({len(args.scenes or [])}) and --references ({len(args.references or [])}) "
                           f"must pair one reference raster per scene. Fix: give both lists in the same order.")
@@ -279,6 +301,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         else:
             p = sub.add_parser("evaluate", help="metrics of a model on whole scenes against reference rasters")
             p.add_argument("model", metavar="MODEL", help="run directory or export folder")
+            p.add_argument("--split", choices=["test", "val"],
+                           help="evaluate the recipe's data.test/data.val tiles (instead of --scenes/--references)")
             p.add_argument("--scenes", nargs="+", help="scenes to predict")
             p.add_argument("--references", nargs="+", help="reference rasters, one per scene, same grid")
             p.add_argument("-o", "--output", help="output folder (default MODEL/evaluate)")

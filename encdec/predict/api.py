@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from encdec._version import __version__
+from encdec.config import DataSection
 from encdec.predict.engine import PreprocessFn
 from encdec.predict.outputs import OutputSpec, assemble_scene, outputs_of, parts_dir, scene_done
 from encdec.predict.runner import ModelSource, Precision, StripRunner
@@ -136,8 +137,8 @@ class _Progress:
 def predict(model: ModelSource, scenes: Sequence[str | Path] | str | Path, out_dir: str | Path, *,
             task: Literal["segmentation", "regression"] = "segmentation",
             tiled: TiledParams | Mapping[str, Any] | None = None,
-            preprocess: PreprocessFn | None = None, means: Sequence[float] | None = None,
-            stds: Sequence[float] | None = None, bands: Sequence[int | str] | None = None,
+            preprocess: PreprocessFn | None = None, data: DataSection | None = None,
+            means: Sequence[float] | None = None, stds: Sequence[float] | None = None, bands: Sequence[int | str] | None = None,
             expect_bands: int | None = None, class_names: Sequence[str] | None = None,
             probabilities: Literal["uint8", "float16"] | bool | None = None, overwrite: bool = False,
             precision: Precision = "fp32", device: str | None = None, workers: int = 1,
@@ -155,6 +156,9 @@ def predict(model: ModelSource, scenes: Sequence[str | Path] | str | Path, out_d
             batch_size, ...).
         preprocess: ``raw window [C, h, w] -> float32`` (band selection is done by ``bands``); default:
             ``(x - means) / stds`` with nodata set to 0.
+        data: A run's (or export's) ``data:`` section: scenes are preprocessed exactly as training tiles are
+            (:func:`encdec.data.preprocess`: band selection by name, ``constant_scale``, normalisation, nodata);
+            then ``bands``/``means``/``stds`` must be left unset.
         means: Per-band means for the default preprocessing.
         stds: Per-band standard deviations for the default preprocessing.
         bands: Bands to read in the model's order (1-based indexes or band names); default all.
@@ -174,6 +178,9 @@ def predict(model: ModelSource, scenes: Sequence[str | Path] | str | Path, out_d
         require_crs: Refuse scenes without a CRS.
         progress: Print a progress line on stderr.
     """
+    if data is not None and (bands is not None or means is not None or stds is not None or preprocess is not None):
+        raise ValueError("predict(data=...) selects bands and normalises as training does; leave bands, means, "
+                         "stds and preprocess unset")
     t0 = time.perf_counter()
     params = tiled if isinstance(tiled, TiledParams) else TiledParams(**(tiled or {}))
     prob = "uint8" if probabilities is True else (probabilities or None)
@@ -196,8 +203,8 @@ def predict(model: ModelSource, scenes: Sequence[str | Path] | str | Path, out_d
     t = params.resolve()
     all_tags = {"encdec_version": __version__, "model": _model_tag(model), "task": task,
                 "class_names": json.dumps(list(class_names or [])), **t.as_tags(), **(tags or {})}
-    runner = StripRunner(model, t, spec, out, preprocess=preprocess, means=means, stds=stds, device=device,
-                         precision=precision, strip_rows=strip_rows, queue_windows=queue_windows)
+    runner = StripRunner(model, t, spec, out, preprocess=preprocess, data=data, means=means, stds=stds,
+                         device=device, precision=precision, strip_rows=strip_rows, queue_windows=queue_windows)
     bar = _Progress(sum(sp.plan.n_computed for sp in todo), len(todo), progress)
 
     def finish(sp: ScenePlan) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from encdec.config import DataSection
 from encdec.predict.engine import ForwardFn, PreprocessFn, StripStats, run_strip
 from encdec.predict.outputs import OutputSpec, StripWriter, strip_done
 from encdec.predict.scenes import SceneInfo
@@ -51,10 +52,25 @@ def make_forward(model: Any, *, device: str | None = None, precision: Precision 
     return forward
 
 
-def make_preprocess(means: Sequence[float] | None, stds: Sequence[float] | None,
-                    nodata: float | None) -> PreprocessFn:
-    """Today's training normalisation (``encdec.data.normalize.Normalizer``): ``(x - mean) / std`` per band,
-    nodata pixels set to 0; without means/stds, a plain float32 cast."""
+def make_preprocess(means: Sequence[float] | None, stds: Sequence[float] | None, nodata: float | None, *,
+                    data: DataSection | None = None, band_names: Sequence[str | None] = (),
+                    path: str = "<array>") -> PreprocessFn:
+    """Raw window (all the scene's bands, as read) -> model input.
+
+    With ``data`` (a run's ``data:`` section, or an export's): exactly training's :func:`encdec.data.preprocess`
+    (bands by name incl. ``dataset_bands``, ``constant_scale``, normalisation, ``no_data_replace``), so the scene
+    must be read with all its bands. Without it, the bands as selected by the caller, ``(x - mean) / std`` with the
+    same ``Normalizer`` (nodata -> 0), or a plain float32 cast without means/stds.
+    """
+    if data is not None:
+        from encdec.data.preprocess import preprocess as _shared
+
+        names = tuple(band_names)
+
+        def shared(raw: np.ndarray) -> np.ndarray:
+            return _shared(raw, data, descriptions=names, nodata=nodata, path=path)[0]
+
+        return shared
     from encdec.data.normalize import Normalizer
     from encdec.predict.engine import invalid_mask
 
@@ -80,6 +96,7 @@ class StripRunner:
         out_dir: Output folder (parts go under ``.parts/``).
         preprocess: ``raw -> float32`` for every scene, or ``None``: :func:`make_preprocess` with ``means``/``stds``
             and each scene's nodata.
+        data: A ``data:`` section: preprocess as training does (:func:`make_preprocess`); scenes read whole.
         means: Per-band means (file units) for the default preprocessing.
         stds: Per-band standard deviations.
         device: Torch device (default cuda when available).
@@ -94,6 +111,7 @@ class StripRunner:
     spec: OutputSpec
     out_dir: Path
     preprocess: PreprocessFn | None = None
+    data: DataSection | None = None
     means: Sequence[float] | None = None
     stds: Sequence[float] | None = None
     device: str | None = None
@@ -126,7 +144,8 @@ class StripRunner:
         plan = self.plan(scene)
         todo = [plan.strips[i] for i in strip_indexes] if strip_indexes is not None else list(plan.strips)
         todo = [s for s in todo if not strip_done(self.out_dir, scene, s)]
-        pre = self.preprocess or make_preprocess(self.means, self.stds, scene.nodata)
+        pre = self.preprocess or make_preprocess(self.means, self.stds, scene.nodata, data=self.data,
+                                                 band_names=scene.band_names, path=scene.path)
         total = StripStats()
         if not todo:
             return total

@@ -42,7 +42,8 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = build_model("segmentation", **BLOCK)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "model.safetensors"))
-    doc = {"task": "segmentation", "model": BLOCK, "data": {"bands": BANDS, "img_size": 32}}
+    # the scene's bands are unnamed: dataset_bands names them, as a training recipe must for such files
+    doc = {"task": "segmentation", "model": BLOCK, "data": {"bands": BANDS, "dataset_bands": BANDS, "img_size": 32}}
     (root / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return root
 
@@ -125,8 +126,8 @@ def test_run_directory_gives_recipe_settings_and_a_clear_error_without_checkpoin
 
     (tmp_path / "recipe.yaml").write_text((REPO / "recipes" / "quickstart.yaml").read_text())
     spec = resolve_model(str(tmp_path))
-    assert (spec.kind, spec.task, spec.img_size, spec.bands) == ("run", "segmentation", 64, tuple(BANDS))
-    assert spec.means is not None and len(spec.means) == 6
+    assert spec.data is not None and (spec.kind, spec.task, spec.img_size) == ("run", "segmentation", 64)
+    assert spec.data.bands == BANDS and len(spec.data.stats()[0]) == 6
     tiled = tiled_from(spec, ["tiled.delta=2", "data.img_size=64"], None).resolve()
     assert (tiled.h_crop, tiled.h_stride, tiled.delta) == (64, 56, 2)
     with pytest.raises(LaunchError, match="no complete checkpoint"):
