@@ -39,18 +39,24 @@ def _model(backbone: str, img: int, r: int) -> dict[str, Any]:
     }
 
 
+def _one_rank_group() -> None:
+    """A one-rank process group (NCCL on a GPU, else gloo), as Ray Train would make it; idempotent."""
+    from encdec.distributed import init_process_group
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"})
+    init_process_group(timeout_s=600)
+
+
 def engine(smoke: bool, tmp: Path) -> dict[str, Any]:
     import torch
     import torch.distributed as dist
 
     from encdec.config import DataSection, LossSection, ModelSection, OptimSection, TrainSection
     from encdec.data.synthetic import write_tiles
-    from encdec.distributed import init_process_group
     from encdec.train.loop import train
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0"})
-    init_process_group(timeout_s=600)
+    _one_rank_group()
     calls: list[dict[str, Any]] = []
     real_barrier = dist.barrier
 
@@ -95,10 +101,11 @@ def step(smoke: bool) -> dict[str, Any]:
     from encdec.train.optim import build_optimizer
 
     backbone, img, batch = ("prithvi_eo_tiny", 64, 2) if smoke else ("prithvi_eo_v2_300", 224, 8)
+    _one_rank_group()
     torch.manual_seed(0)
     net = build_model("segmentation", **ModelSection.model_validate(_model(backbone, img, 16)).factory_kwargs())
     strategy = make_strategy("fsdp", optimizer_factory=build_optimizer)
-    strategy.setup(net, OptimSection.model_validate({"lr": 1e-4}), precision="fp32" if smoke else "bf16",
+    strategy.setup(net, OptimSection.model_validate({"lr": 1e-4}), precision="bf16",
                    grad_accum=1, activation_checkpointing=False)
     dev = strategy.device
     x = torch.randn(batch, 6, img, img, device=dev)
@@ -132,7 +139,7 @@ def predict(smoke: bool, tmp: Path) -> dict[str, Any]:
     from encdec.models import build_model
     from encdec.predict.api import predict as run_predict
 
-    backbone, crop, size, batch = ("prithvi_eo_tiny", 64, 256, 4) if smoke else ("prithvi_eo_v2_300", 224, 2048, 16)
+    backbone, crop, size, batch = ("prithvi_eo_tiny", 64, 256, 4) if smoke else ("prithvi_eo_v2_300", 224, 4096, 16)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     precision = "bf16" if dev == "cuda" else "fp32"
     torch.manual_seed(0)

@@ -100,6 +100,7 @@ class FSDPStrategy(TorchStrategy):
         if self.sync_batchnorm:  # converts in place below the root (the root is never a BatchNorm here)
             model = convert_sync_batchnorm(model, self.device)
         mp = self._mp_policy()
+        _shard_batchnorm_in_fp32(model, mp, self.reshard_after_forward)
         for unit in sharding_units(model):
             fully_shard(unit, mp_policy=mp, reshard_after_forward=self.reshard_after_forward)
         # the root's own parameters (patch embedding, necks, head) form the last group; it is not resharded
@@ -124,6 +125,26 @@ class FSDPStrategy(TorchStrategy):
         if is_last_micro:
             return contextlib.nullcontext()
         return self._sync(False)
+
+
+def _shard_batchnorm_in_fp32(model: nn.Module, mp: Any, reshard_after_forward: bool) -> int:
+    """Shard each affine BatchNorm as its own FSDP2 group computing in fp32; returns how many.
+
+    Under a bf16/fp16 policy a BatchNorm inside a unit would get its weight all-gathered in bf16 while its running
+    statistics stay fp32 buffers, and cuDNN's BatchNorm refuses that mix in backward ("Expected running_mean to
+    have type BFloat16 but got Float"; seen on an H200, the CPU kernels accept it). In its own fp32 group the
+    layer keeps fp32 weights and statistics (inputs are cast up by the policy), as autocast would run it.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if mp.param_dtype is None or mp.param_dtype == torch.float32:
+        return 0
+    fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.affine]
+    for norm in norms:  # leaves: sharded before the units that hold them, as fully_shard requires
+        fully_shard(norm, mp_policy=fp32, reshard_after_forward=reshard_after_forward)
+    return len(norms)
 
 
 def disable_gradient_division(model: nn.Module) -> int:

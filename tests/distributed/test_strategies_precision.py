@@ -40,14 +40,18 @@ def test_bf16_torch_strategies_and_batchnorm(reference: Callable[..., dict[str, 
         {**common, "strategy": "fsdp", "model": "vit_lora", "precision": "bf16", "activation_checkpointing": True},
         {**common, "strategy": "ddp", "model": "vit_lora", "precision": "bf16"},
         {**common, "strategy": "ddp", "model": "cnn_bn"},
+        # BatchNorm under a bf16 FSDP2 policy: its own fp32 group (cuDNN refuses bf16 weights with fp32 statistics)
+        {**common, "strategy": "fsdp", "model": "cnn_bn", "precision": "bf16"},
     ]
-    fsdp, ddp, bn = run_distributed(train_many, 2, specs, timeout_s=400)[0]
+    fsdp, ddp, bn, fsdp_bn = run_distributed(train_many, 2, specs, timeout_s=400)[0]
     fp32 = reference("vit_lora", STEPS, GLOBAL_BATCH)["losses"]
     bf16 = reference("vit_lora", STEPS, GLOBAL_BATCH, precision="bf16")["losses"]
     _check_bf16("fsdp bf16", fsdp["losses"], bf16, fp32)
     _check_bf16("ddp bf16", ddp["losses"], bf16, fp32)
     # BatchNorm sees a different half-batch per rank: no exact parity, but it trains
     assert sum(bn["losses"][-2:]) < 0.95 * sum(bn["losses"][:2]), f"BatchNorm under DDP did not train: {bn['losses']}"
+    assert sum(fsdp_bn["losses"][-2:]) < 0.95 * sum(fsdp_bn["losses"][:2]), \
+        f"BatchNorm under FSDP2 bf16 did not train: {fsdp_bn['losses']}"
 
 
 def test_bf16_deepspeed(reference: Callable[..., dict[str, Any]], deepspeed_ops: None) -> None:
