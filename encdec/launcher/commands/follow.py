@@ -1,7 +1,7 @@
 """``encdec-launch status|logs|stop RUN_DIR|JOB_ID``: one set of commands for every way a run was launched.
 
 The run directory's ``launch.json`` says how (``local``/``ray-address``: a driver process on some host;
-``ray-job``: a Ray Job id and its dashboard; ``slurm``: a Slurm job, handled by ``encdec.launcher.slurm``).
+``ray-job``: a Ray Job id and its dashboard; ``slurm``: a Slurm job, handled by ``encdec.launcher.backends.slurm``).
 A bare job id (``encdec-...`` or ``raysubmit_...``) is looked up on ``--address`` (the dashboard URL).
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["logs_command", "status_command", "stop_command"]
 
@@ -41,7 +41,7 @@ def _is_slurm(run_dir: Path | None, launch: dict[str, Any]) -> bool:
         return False
     if launch.get("mode") == "slurm":
         return True
-    from encdec.launcher import slurm
+    from encdec.launcher.backends import slurm
 
     return bool(slurm.is_slurm_run(run_dir))
 
@@ -77,13 +77,13 @@ def status_command(args: argparse.Namespace) -> int:
     """Print the state of a run or job."""
     run_dir, launch = _target(args)
     if _is_slurm(run_dir, launch):
-        from encdec.launcher import slurm
+        from encdec.launcher.backends import slurm
 
         print(slurm.status(run_dir))  # type: ignore[arg-type]
         print(_last_metrics(run_dir))
         return 0
     if launch.get("mode") == "ray-job":
-        from encdec.launcher.jobs import client_for
+        from encdec.launcher.ray.jobs import client_for
 
         client = client_for(launch.get("dashboard") or args.address or DEFAULT_DASHBOARD)
         info = client.get_job_info(launch["job_id"])
@@ -103,12 +103,12 @@ def logs_command(args: argparse.Namespace) -> int:
     """Print (or follow) the logs of a run or job."""
     run_dir, launch = _target(args)
     if _is_slurm(run_dir, launch):
-        from encdec.launcher import slurm
+        from encdec.launcher.backends import slurm
 
         print(slurm.logs(run_dir, tail=args.tail))  # type: ignore[arg-type]
         return 0
     if launch.get("mode") == "ray-job":
-        from encdec.launcher.jobs import client_for, follow_job
+        from encdec.launcher.ray.jobs import client_for, follow_job
 
         client = client_for(launch.get("dashboard") or args.address or DEFAULT_DASHBOARD)
         if args.follow:
@@ -130,12 +130,12 @@ def stop_command(args: argparse.Namespace) -> int:
     """Ask a run to checkpoint and stop (Slurm: USR1 then cancel; Ray Job: SIGTERM; local: SIGINT to the driver)."""
     run_dir, launch = _target(args)
     if _is_slurm(run_dir, launch):
-        from encdec.launcher import slurm
+        from encdec.launcher.backends import slurm
 
         print(slurm.stop(run_dir))  # type: ignore[arg-type]
         return 0
     if launch.get("mode") == "ray-job":
-        from encdec.launcher.jobs import TERMINAL, client_for
+        from encdec.launcher.ray.jobs import TERMINAL, client_for
 
         client = client_for(launch.get("dashboard") or args.address or DEFAULT_DASHBOARD)
         client.stop_job(launch["job_id"])

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encdec.launcher.errors import LaunchError
-from encdec.launcher.overrides import FLAG_PATHS
+from encdec.launcher.recipe.errors import LaunchError
+from encdec.launcher.recipe.overrides import FLAG_PATHS
 
 __all__ = ["load_for_run", "plan_command", "recipe_command", "run_command"]
 
@@ -70,8 +70,8 @@ def absolutize_paths(recipe: Any, base: Path) -> None:
 
 def load_for_run(args: argparse.Namespace) -> tuple[Any, Path | None, str]:
     """The recipe to run, the existing run directory to continue (or None) and where the recipe came from."""
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.launcher.rundir import RECIPE_FILE, is_run_dir
-    from encdec.launcher.validate import load_recipe
 
     existing: Path | None = None
     recipe_path = args.recipe
@@ -113,9 +113,9 @@ def prepare_synthetic(recipe: Any, console: Any) -> None:
 # ---------------------------------------------------------------------------------------------------- plan
 def plan_command(args: argparse.Namespace) -> int:
     """``encdec-launch plan RECIPE``: validate, build on meta, print the memory table."""
-    from encdec.launcher.plan import make_plan
-    from encdec.launcher.plan_view import render_plan
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.preflight.plan import make_plan
+    from encdec.launcher.preflight.plan_view import render_plan
+    from encdec.launcher.recipe.validate import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides, flags=_flags(args))
     plan = make_plan(recipe)
@@ -128,9 +128,9 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def recipe_command(args: argparse.Namespace) -> int:
     """``encdec-launch recipe --schema`` / ``recipe RECIPE...`` (validate only: schema and cross-field rules)."""
-    from encdec.launcher.errors import RecipeError
-    from encdec.launcher.schema import json_schema
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.recipe.errors import RecipeError
+    from encdec.launcher.recipe.schema import json_schema
+    from encdec.launcher.recipe.validate import load_recipe
 
     if args.schema:
         print(json.dumps(json_schema(), indent=2))
@@ -173,10 +173,10 @@ def check_data(recipe: Any, console: Any, *, strict: bool = True) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     """``encdec-launch RECIPE [flags]``."""
-    from encdec.launcher.driver import run_spec, scaling_spec
-    from encdec.launcher.init_from import check_init_from
-    from encdec.launcher.plan import make_plan
-    from encdec.launcher.plan_view import render_launch, render_plan
+    from encdec.launcher.preflight.init_from import check_init_from
+    from encdec.launcher.preflight.plan import make_plan
+    from encdec.launcher.preflight.plan_view import render_launch, render_plan
+    from encdec.launcher.ray.driver import run_spec, scaling_spec
     from encdec.launcher.rundir import latest_checkpoint
 
     console = _console()
@@ -202,12 +202,12 @@ def run_command(args: argparse.Namespace) -> int:
                           f"{recipe.cluster.nodes}: launch with --slurm, --address HOST:PORT (an existing cluster) or "
                           f"--simulate-nodes {recipe.cluster.nodes} (all on this machine)")
         if args.slurm:
-            from encdec.launcher import slurm
+            from encdec.launcher.backends import slurm
 
             print(slurm.render_sbatch(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml"),
                                       flags=vars(args), run_dir=preview))
         if args.k8s:
-            from encdec.launcher import k8s
+            from encdec.launcher.backends import k8s
 
             print(k8s.render_rayjob(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml")))
         check_data(recipe, _console(stderr=True) if (args.slurm or args.k8s) else console, strict=strict_data)
@@ -224,7 +224,7 @@ def run_command(args: argparse.Namespace) -> int:
         return run_dir
 
     if args.slurm:
-        from encdec.launcher import slurm
+        from encdec.launcher.backends import slurm
 
         run_dir = make_run_dir()
         job = slurm.submit(recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"), flags=vars(args),
@@ -233,7 +233,7 @@ def run_command(args: argparse.Namespace) -> int:
         console.print(f"submitted Slurm job {job.job_id}; follow it with `encdec-launch status|logs|stop {run_dir}`")
         return 0
     if args.k8s:
-        from encdec.launcher import k8s
+        from encdec.launcher.backends import k8s
 
         run_dir = make_run_dir()
         manifest = run_dir / "rayjob.yaml"
@@ -242,10 +242,10 @@ def run_command(args: argparse.Namespace) -> int:
         return 0
     prepare_synthetic(recipe, console)
     if args.submit:
-        from encdec.launcher.jobs import submit_and_follow
+        from encdec.launcher.ray.jobs import submit_and_follow
 
         return submit_and_follow(recipe, make_run_dir(), args, console)
-    from encdec.launcher.local_run import run_on_ray
+    from encdec.launcher.ray.local_run import run_on_ray
 
     # the run directory is made once the cluster is known to fit the recipe
     return run_on_ray(recipe, make_run_dir, plan, args, console)

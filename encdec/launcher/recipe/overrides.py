@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from encdec.launcher.errors import LineMap, RecipeIssue, format_path
+from encdec.launcher.recipe.errors import LineMap, RecipeIssue, format_path
 
 __all__ = ["FLAG_LABELS", "FLAG_PATHS", "apply_flags", "apply_overrides", "parse_override", "parse_path", "set_path"]
 

@@ -5,7 +5,7 @@ signals exactly those groups and never touches other Ray clusters on the machine
 gets its own free ports (GCS, dashboard, metrics, agents, worker range) and the cluster its own short
 ``--temp-dir`` (Unix socket paths must stay under ~107 characters), so several clusters coexist on one host.
 
-The dashboard binds to 127.0.0.1 only. Token authentication is on (``encdec.launcher.ray_auth``), and
+The dashboard binds to 127.0.0.1 only. Token authentication is on (``encdec.launcher.ray.ray_auth``), and
 ``RAY_TRAIN_ENABLE_STATE_TRACKING=1`` is set on every node so that Ray Train V2 runs appear in the dashboard's
 Train view (``/api/train/v2/runs/v1``; the older ``/api/train/v2/runs`` route serves Train V1 only and answers
 500 for V2 runs).
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from encdec.launcher.errors import LaunchError
-from encdec.launcher.ray_auth import auth_env
+from encdec.launcher.ray.ray_auth import auth_env
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["LocalRayCluster", "free_port", "ray_executable"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from encdec.launcher.plan import GiB, Plan
+from encdec.launcher.preflight.plan import GiB, Plan
 
 if TYPE_CHECKING:
     from rich.console import Console

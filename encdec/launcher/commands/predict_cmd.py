@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["ModelSpec", "add_parsers", "evaluate_command", "load_run_model", "predict_command", "resolve_model"]
 
@@ -60,9 +60,9 @@ def load_run_model(spec: ModelSpec) -> Any:
         net = build_model(spec.task, **spec.model_block)
         net.load_state_dict(load_file(str(spec.path / "model.safetensors")), strict=True)
         return net
-    from encdec.launcher.export_cmd import pick_checkpoint, restore
+    from encdec.launcher.commands.export_cmd import pick_checkpoint, restore
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.launcher.rundir import latest_checkpoint
-    from encdec.launcher.validate import load_recipe
 
     assert spec.recipe_path is not None
     recipe = load_recipe(spec.recipe_path, spec.overrides)
@@ -98,7 +98,7 @@ def resolve_model(model: str, *, checkpoint: str | None = None, overrides: tuple
     data: dict[str, Any] = {}
     task, block, precision = "segmentation", {}, "fp32"
     if recipe_path is not None:
-        from encdec.launcher.validate import load_recipe
+        from encdec.launcher.recipe.validate import load_recipe
 
         recipe = load_recipe(recipe_path, tiled_free)
         task, block, data = recipe.task, recipe.section("model"), recipe.section("data")
@@ -122,7 +122,7 @@ def resolve_model(model: str, *, checkpoint: str | None = None, overrides: tuple
 
 def tiled_from(spec: ModelSpec, overrides: list[str], batch_size: int | None) -> Any:
     """TerraTorch's defaults scaled to the model's window: crop = img_size, stride = 7/8 of it, delta <= 8."""
-    from encdec.launcher.overrides import parse_override
+    from encdec.launcher.recipe.overrides import parse_override
     from encdec.predict.windows import TiledParams
 
     crop = spec.img_size
@@ -150,12 +150,12 @@ def _precision(name: str) -> str:
 
 def _connect(args: argparse.Namespace) -> Any:
     """A local Ray cluster (as for training) unless ``--address``; ``ray.init`` to it. Returns the cluster."""
-    from encdec.launcher.ray_auth import auth_env
+    from encdec.launcher.ray.ray_auth import auth_env
 
     auth_env()
     import ray
 
-    from encdec.launcher.ray_cluster import LocalRayCluster
+    from encdec.launcher.ray.ray_cluster import LocalRayCluster
 
     cluster = None
     address = args.address

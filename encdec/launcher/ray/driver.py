@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 if TYPE_CHECKING:
-    from encdec.launcher.schema import Recipe
+    from encdec.launcher.recipe.schema import Recipe
 
 __all__ = ["FitOutcome", "ProgressSink", "check_capacity", "fit", "scaling_spec", "worker_env"]
 
@@ -220,7 +220,7 @@ def fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from encdec.launcher.failures import StopOnDataError
-    from encdec.launcher.worker import train_loop_per_worker
+    from encdec.launcher.ray.worker import train_loop_per_worker
 
     spec = scaling_spec(recipe)
     sink: Any = ray.remote(num_cpus=0)(ProgressSink).remote()

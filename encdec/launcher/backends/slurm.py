@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from encdec.config import ClusterSection, SlurmSection
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = [
     "FLAG_NAMES", "SlurmConfigError", "SlurmError", "SlurmJob", "SlurmOptions", "SlurmStatus", "driver_command",
@@ -322,7 +322,7 @@ def template_path() -> Path:
         SlurmError: when the template cannot be found.
     """
     env = os.environ.get(TEMPLATE_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "slurm" / "ray.sbatch"
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "slurm" / "ray.sbatch"
     if not path.is_file():
         raise SlurmError(f"sbatch template {path} not found; fix: run from a checkout of encdec-launch "
                          f"(pip install -e .) or set {TEMPLATE_ENV} to a copy of slurm/ray.sbatch")

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["RECIPE_MOUNT", "rayjob_template_path", "render_rayjob"]
 
@@ -32,7 +32,7 @@ def rayjob_template_path() -> Path:
     Raises:
         LaunchError: when it cannot be found.
     """
-    path = Path(__file__).resolve().parents[2] / "cluster" / "rayjob.yaml"
+    path = Path(__file__).resolve().parents[3] / "cluster" / "rayjob.yaml"
     if not path.is_file():
         raise LaunchError(f"RayJob template {path} not found; fix: run from a checkout of encdec-launch "
                           "(pip install -e .)")

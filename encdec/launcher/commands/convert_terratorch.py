@@ -8,7 +8,7 @@ accumulation, clipping, seed, nodes/devices and the Lightning strategy. Everythi
 at the top of the written recipe and on the terminal, so nothing is dropped silently.
 
 The weights of a TerraTorch run come in with ``--init-from FILE.ckpt``: ``encdec.models.terratorch_ckpt`` reads
-the Lightning checkpoint (without TerraTorch installed) and maps its key names; ``encdec.launcher.init_from``
+the Lightning checkpoint (without TerraTorch installed) and maps its key names; ``encdec.launcher.preflight.init_from``
 checks it against the recipe's model before any cluster starts.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from encdec.config import ClusterSection
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["convert", "convert_command"]
 
@@ -239,8 +239,8 @@ def _convert_optim(opt: Any, sched: Any) -> tuple[dict[str, Any], list[str]]:
 
 def convert_command(args: argparse.Namespace) -> int:
     """CLI body of ``encdec-launch convert-terratorch``."""
-    from encdec.launcher.errors import RecipeError
-    from encdec.launcher.validate import recipe_from_dict
+    from encdec.launcher.recipe.errors import RecipeError
+    from encdec.launcher.recipe.validate import recipe_from_dict
 
     path = Path(args.config)
     if not path.is_file():

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["export_command", "export_run", "pick_checkpoint"]
 
@@ -86,8 +86,8 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
     import torch
     from safetensors.torch import save_file
 
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.launcher.rundir import RECIPE_FILE, is_run_dir
-    from encdec.launcher.validate import load_recipe
     from encdec.models.export import merge_and_export, to_official_prithvi
     from encdec.train.build import build_run_model
 

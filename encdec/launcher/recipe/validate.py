@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from encdec.config import HLS_BANDS, LOSSES, MODEL_PREFIXES, ModelSection
-from encdec.launcher.errors import (
+from encdec.launcher.recipe.errors import (
     LineMap,
     RecipeError,
     RecipeIssue,
@@ -23,7 +23,7 @@ from encdec.launcher.errors import (
     missing_mapping_issue,
     yaml_syntax_issue,
 )
-from encdec.launcher.schema import Recipe
+from encdec.launcher.recipe.schema import Recipe
 
 __all__ = ["cross_checks", "field_at", "load_recipe", "read_recipe_data", "recipe_from_dict"]
 
@@ -99,7 +99,7 @@ def cross_checks(recipe: Recipe) -> list[RecipeIssue]:
     if (why := object_store_rule(recipe.track, recipe.cluster.storage)) is not None:
         issues.append(RecipeIssue(("track", "mlflow", "tracking_uri"), why, has_value=False,
                                   fix="set track.mlflow.tracking_uri to your MLflow server, e.g. http://mlflow:5000"))
-    from encdec.launcher.validate_options import option_checks
+    from encdec.launcher.recipe.validate_options import option_checks
 
     return issues + option_checks(recipe)
 
@@ -257,7 +257,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, flags: Mappi
         RecipeError: every problem found (syntax, schema, overrides, cross-field rules), each with its path,
             line/source, value and fix.
     """
-    from encdec.launcher.overrides import FLAG_LABELS, apply_flags, apply_overrides
+    from encdec.launcher.recipe.overrides import FLAG_LABELS, apply_flags, apply_overrides
 
     data, lines = read_recipe_data(path)
     # malformed overrides are reported together with whatever the valid ones and the file get wrong

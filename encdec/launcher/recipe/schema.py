@@ -5,8 +5,8 @@ Section names are the shared contract of ``shared/RECIPE.md``; each section is a
 beside ``model`` as in TerraTorch, and ``model`` is exactly ``build_model``'s keyword arguments so a TerraTorch
 ``model_args`` block pastes in unchanged.
 
-Loading (``encdec.launcher.validate.load_recipe``) collects every problem - YAML syntax, unknown keys, bad values, ``--set`` overrides,
-cross-field rules - into one :class:`~encdec.launcher.errors.RecipeError`. Registry names and the model build are
+Loading (``encdec.launcher.recipe.validate.load_recipe``) collects every problem - YAML syntax, unknown keys, bad values, ``--set`` overrides,
+cross-field rules - into one :class:`~encdec.launcher.recipe.errors.RecipeError`. Registry names and the model build are
 checked later by the planner (they need torch). Nothing here imports torch.
 """
 
@@ -87,7 +87,7 @@ class Recipe(Section):
 
     def error(self, issues: list[Any]) -> Any:
         """A RecipeError for ``issues`` found after loading, with the lines/sources of the recipe file."""
-        from encdec.launcher.errors import RecipeError
+        from encdec.launcher.recipe.errors import RecipeError
 
         lines, source = self._origin if self._origin else (None, None)
         return RecipeError(lines.attach(issues) if lines is not None else issues, source)

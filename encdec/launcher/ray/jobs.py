@@ -5,7 +5,7 @@ started on the head node by Ray's job supervisor. The resolved recipe travels in
 (its working directory), merged with the recipe's ``cluster.runtime_env`` (code via ``working_dir``/``pip``).
 ``stop`` sends SIGTERM, which the driver turns into "checkpoint and return"; the supervisor is told to wait
 for that (``RAY_JOB_STOP_WAIT_TIME_S``) before it kills anything. Auth: the Jobs API needs the bearer token;
-``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN_PATH`` make Ray's client send it (``encdec.launcher.ray_auth``).
+``RAY_AUTH_MODE=token`` + ``RAY_AUTH_TOKEN_PATH`` make Ray's client send it (``encdec.launcher.ray.ray_auth``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["client_for", "dashboard_url_for", "follow_job", "submit_and_follow", "submit_job"]
 
@@ -30,7 +30,7 @@ def dashboard_url_for(address: str | None) -> str:
     """The dashboard URL of ``address`` (a URL as is; ``auto``/``HOST:PORT`` resolved through the GCS)."""
     if address and address.startswith(("http://", "https://")):
         return address.rstrip("/")
-    from encdec.launcher.ray_auth import auth_env
+    from encdec.launcher.ray.ray_auth import auth_env
 
     auth_env()
     import ray
@@ -48,7 +48,7 @@ def dashboard_url_for(address: str | None) -> str:
 
 def client_for(url: str) -> Any:
     """A JobSubmissionClient for the dashboard at ``url`` (token auth through the environment)."""
-    from encdec.launcher.ray_auth import auth_env
+    from encdec.launcher.ray.ray_auth import auth_env
 
     auth_env()
     from ray.job_submission import JobSubmissionClient

@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 if TYPE_CHECKING:
-    from encdec.launcher.schema import Recipe
+    from encdec.launcher.recipe.schema import Recipe
 
 __all__ = ["check_init_from"]
 

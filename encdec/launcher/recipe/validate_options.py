@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from encdec.launcher.errors import RecipeIssue, did_you_mean
+from encdec.launcher.recipe.errors import RecipeIssue, did_you_mean
 
 if TYPE_CHECKING:
-    from encdec.launcher.schema import Recipe
+    from encdec.launcher.recipe.schema import Recipe
 
 __all__ = ["option_checks", "val_metric_names"]
 

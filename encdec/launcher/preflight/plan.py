@@ -37,12 +37,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from encdec.launcher.errors import RecipeIssue, did_you_mean
+from encdec.launcher.recipe.errors import RecipeIssue, did_you_mean
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from encdec.launcher.schema import Recipe
+    from encdec.launcher.recipe.schema import Recipe
     from encdec.models.peft import PartCount
 
 __all__ = [

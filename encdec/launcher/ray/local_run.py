@@ -20,12 +20,12 @@ __all__ = ["connect", "finish_run", "run_on_ray"]
 
 def connect(args: argparse.Namespace, recipe: Any, console: Any) -> tuple[Any, str | None]:
     """Start the local cluster (unless ``--address``) and ``ray.init`` to it. Returns (local cluster, dashboard)."""
-    from encdec.launcher.ray_auth import auth_env
+    from encdec.launcher.ray.ray_auth import auth_env
 
     auth_env()  # before `import ray`: Ray reads RAY_AUTH_MODE when it loads
     import ray
 
-    from encdec.launcher.ray_cluster import STATE_TRACKING_ENV, LocalRayCluster
+    from encdec.launcher.ray.ray_cluster import STATE_TRACKING_ENV, LocalRayCluster
 
     # The Train state callback is created by the driver's trainer: the driver needs the flag too, not only the
     # cluster (this is what makes the dashboard's Train view list the run).
@@ -67,7 +67,7 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
     cluster, dashboard = connect(args, recipe, console)
     import ray
 
-    from encdec.launcher.driver import check_capacity, check_shared_storage, fit
+    from encdec.launcher.ray.driver import check_capacity, check_shared_storage, fit
     from encdec.launcher.report import Progress
     from encdec.launcher.rundir import update_launch
 
@@ -134,7 +134,7 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any, tracker: 
     early = last.get("status") == "early-stopped"  # issue 16: train.early_stop ended the run (it checkpointed)
     done = not failed and not outcome.stopped and (early or int(last.get("step", 0)) >= (recipe.train.max_steps or 0))
     if done and recipe.run.export:
-        from encdec.launcher.export_cmd import export_run
+        from encdec.launcher.commands.export_cmd import export_run
 
         try:
             export_path = export_run(run_dir)
