@@ -13,7 +13,7 @@ import copy
 import math
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ def render_rayjob(
     image: str | None = None,
     claim_name: str | None = None,
     template: str | Path | None = None,
+    entrypoint: Sequence[str] | None = None,
 ) -> str:
     """The RayJob manifest (with its recipe ConfigMap) that runs ``recipe`` on Kubernetes.
 
@@ -88,6 +89,7 @@ def render_rayjob(
         image: the container image with encdec-launch installed (default: the template's).
         claim_name: the PersistentVolumeClaim mounted at ``cluster.storage`` (default: the template's).
         template: another RayJob template (default :func:`rayjob_template_path`).
+        entrypoint: the command the driver pod runs (default: train the mounted recipe in ``run_dir``).
 
     Raises:
         LaunchError: ``cluster.storage`` is not an absolute path (every pod mounts it at that path).
@@ -115,8 +117,8 @@ def render_rayjob(
     job["metadata"]["name"] = job_name
 
     spec = job["spec"]
-    spec["entrypoint"] = shlex.join(["encdec-launch", f"{RECIPE_MOUNT}/recipe.yaml", "--run-dir", str(run_dir),
-                                     "--address", "auto", "--no-progress"])
+    spec["entrypoint"] = shlex.join(entrypoint or ["encdec-launch", f"{RECIPE_MOUNT}/recipe.yaml", "--run-dir",
+                                                   str(run_dir), "--address", "auto", "--no-progress"])
     cluster_spec = spec["rayClusterSpec"]
     head = cluster_spec["headGroupSpec"]["template"]["spec"]
     (group,) = cluster_spec["workerGroupSpecs"]

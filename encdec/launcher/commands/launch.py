@@ -13,13 +13,15 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from encdec.launcher.backends.base import Entry
 from encdec.launcher.recipe.errors import LaunchError
 from encdec.launcher.recipe.overrides import FLAG_PATHS
 
-__all__ = ["load_for_run", "plan_command", "recipe_command", "run_command"]
+__all__ = ["load_for_run", "plan_command", "recipe_command", "run_command", "train_entry"]
 
 
 def _console(stderr: bool = False) -> Any:
@@ -171,8 +173,27 @@ def check_data(recipe: Any, console: Any, *, strict: bool = True) -> None:
                       highlight=False)
 
 
+def train_entry(recipe: Any, plan: Any) -> Entry:
+    """Training as a launch entry: ``encdec-launch RECIPE --run-dir RUN_DIR`` on a target's node, or the Ray
+    driver in this process (local cluster, ``--address``)."""
+
+    def argv(run_dir: Path, recipe_path: str) -> list[str]:
+        # --run-dir: exactly this directory, continued from its last checkpoint when it has one (a requeued job);
+        # --no-progress: plain log lines, the job's output is a file
+        return ["encdec-launch", recipe_path, "--run-dir", str(run_dir), "--no-progress"]
+
+    def run_here(make_run_dir: Callable[[], Path], args: argparse.Namespace, console: Any) -> int:
+        from encdec.launcher.ray.local_run import run_on_ray
+
+        # the run directory is made once the cluster is known to fit the recipe
+        return run_on_ray(recipe, make_run_dir, plan, args, console)
+
+    return Entry(name="train", recipe=recipe, argv=argv, run_here=run_here)
+
+
 def run_command(args: argparse.Namespace) -> int:
     """``encdec-launch RECIPE [flags]``."""
+    from encdec.launcher.backends.base import backend_for_args
     from encdec.launcher.preflight.init_from import check_init_from
     from encdec.launcher.preflight.plan import make_plan
     from encdec.launcher.preflight.plan_view import render_launch, render_plan
@@ -184,71 +205,38 @@ def run_command(args: argparse.Namespace) -> int:
     plan = make_plan(recipe)
     if existing is None or latest_checkpoint(existing) is None:  # resuming: the run's checkpoint wins, unread
         check_init_from(recipe)
-    where = ("Slurm" if args.slurm else "Kubernetes" if args.k8s else "Ray Job" if args.submit else
-             f"Ray cluster at {args.address}" if args.address else
-             f"local Ray cluster ({args.simulate_nodes or 1} node{'s' if (args.simulate_nodes or 1) > 1 else ''})")
+    backend = backend_for_args(args)
+    entry = train_entry(recipe, plan)
     # Data paths are checked on this machine, before any cluster starts; where only the cluster reads them (Slurm
     # nodes, a Ray Job, Kubernetes pods) what is missing here is a warning.
-    strict_data = not (args.slurm or args.k8s or args.submit)
     if args.dry_run:
         if recipe.cluster.gpus_per_worker is None:  # auto: shown as this machine would decide it
             recipe.cluster.gpus_per_worker = 1.0 if plan.on_gpu else 0.0
         render_plan(plan, console, title=Path(recipe_path).name)
         preview = existing or Path(recipe.cluster.storage) / f"{recipe.run.name}-<timestamp>"
-        render_launch(console, scaling_spec(recipe), run_spec(recipe, preview), where)
+        render_launch(console, scaling_spec(recipe), run_spec(recipe, preview), backend.where())
         local_nodes = args.simulate_nodes or 1
-        if not (args.address or args.slurm or args.k8s or args.submit) and recipe.cluster.nodes > local_nodes:
+        if backend.mode == "local" and recipe.cluster.nodes > local_nodes:
             console.print(f"[yellow]note:[/yellow] the local cluster has {local_nodes} node(s) but the recipe asks for "
                           f"{recipe.cluster.nodes}: launch with --slurm, --address HOST:PORT (an existing cluster) or "
                           f"--simulate-nodes {recipe.cluster.nodes} (all on this machine)")
-        if args.slurm:
-            from encdec.launcher.backends import slurm
-
-            print(slurm.render_sbatch(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml"),
-                                      flags=vars(args), run_dir=preview))
-        if args.k8s:
-            from encdec.launcher.backends import k8s
-
-            print(k8s.render_rayjob(recipe.to_yaml_dict(), recipe_path=str(preview / "recipe.yaml")))
-        check_data(recipe, _console(stderr=True) if (args.slurm or args.k8s) else console, strict=strict_data)
+        script = backend.preview(entry, preview)
+        if script is not None:
+            print(script)
+        check_data(recipe, _console(stderr=True) if script is not None else console, strict=backend.strict_data)
         return 0
-    check_data(recipe, console, strict=strict_data)
+    check_data(recipe, console, strict=backend.strict_data)
     for w in plan.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
-    from encdec.launcher.rundir import update_launch
-
     def make_run_dir() -> Path:
-        run_dir = open_run_dir(recipe, existing, _mode(args))
+        run_dir = open_run_dir(recipe, existing, backend.mode)
         console.print(f"run directory: {run_dir}")
         return run_dir
 
-    if args.slurm:
-        from encdec.launcher.backends import slurm
-
-        run_dir = make_run_dir()
-        job = slurm.submit(recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"), flags=vars(args),
-                           run_dir=run_dir)
-        update_launch(run_dir, mode="slurm", slurm_job_id=job.job_id)
-        console.print(f"submitted Slurm job {job.job_id}; follow it with `encdec-launch status|logs|stop {run_dir}`")
-        return 0
-    if args.k8s:
-        from encdec.launcher.backends import k8s
-
-        run_dir = make_run_dir()
-        manifest = run_dir / "rayjob.yaml"
-        manifest.write_text(k8s.render_rayjob(recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml")))
-        console.print(f"wrote {manifest}; start it with `kubectl apply -f {manifest}`")
-        return 0
-    prepare_synthetic(recipe, console)
-    if args.submit:
-        from encdec.launcher.ray.jobs import submit_and_follow
-
-        return submit_and_follow(recipe, make_run_dir(), args, console)
-    from encdec.launcher.ray.local_run import run_on_ray
-
-    # the run directory is made once the cluster is known to fit the recipe
-    return run_on_ray(recipe, make_run_dir, plan, args, console)
+    if backend.writes_synthetic_here:
+        prepare_synthetic(recipe, console)
+    return backend.submit(entry, make_run_dir, console)
 
 
 def open_run_dir(recipe: Any, existing: Path | None, mode: str) -> Path:
@@ -265,13 +253,3 @@ def open_run_dir(recipe: Any, existing: Path | None, mode: str) -> Path:
     else:
         update_launch(existing, resumed=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return existing
-
-
-def _mode(args: argparse.Namespace) -> str:
-    if args.slurm:
-        return "slurm"
-    if args.k8s:
-        return "k8s"
-    if args.submit:
-        return "ray-job"
-    return "ray-address" if args.address else "local"

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,13 @@ def client_for(url: str) -> Any:
                           "(RAY_AUTH_TOKEN_PATH)") from err
 
 
-def submit_job(recipe: Any, run_dir: Path, url: str) -> str:
-    """Submit the run as a Ray Job; returns the job (submission) id."""
+def submit_job(recipe: Any, run_dir: Path, url: str,
+               argv: Callable[[str], list[str]] | None = None) -> str:
+    """Submit the run as a Ray Job; returns the job (submission) id.
+
+    ``argv(recipe_path)``: the command the job runs (default: train the recipe in ``run_dir``), given the recipe
+    file as the job sees it.
+    """
     from encdec.launcher.rundir import RECIPE_FILE, update_launch
 
     runtime_env = dict(recipe.cluster.runtime_env or {})
@@ -77,7 +84,10 @@ def submit_job(recipe: Any, run_dir: Path, url: str) -> str:
         recipe_arg = RECIPE_FILE
     else:
         recipe_arg = str(run_dir / RECIPE_FILE)  # the user's working_dir carries code; the recipe is on storage
-    entrypoint = f"encdec-launch {recipe_arg} --run-dir {run_dir} --address auto --no-progress"
+    if argv is None:
+        entrypoint = f"encdec-launch {recipe_arg} --run-dir {run_dir} --address auto --no-progress"
+    else:
+        entrypoint = shlex.join(argv(recipe_arg))
     client = client_for(url)
     job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                submission_id=f"encdec-{run_dir.name}", metadata={"run_dir": str(run_dir)})
@@ -100,10 +110,11 @@ def follow_job(client: Any, job_id: str, *, out: Any = sys.stdout, poll_s: float
         time.sleep(poll_s)
 
 
-def submit_and_follow(recipe: Any, run_dir: Path, args: argparse.Namespace, console: Any) -> int:
+def submit_and_follow(recipe: Any, run_dir: Path, args: argparse.Namespace, console: Any,
+                      argv: Callable[[str], list[str]] | None = None) -> int:
     """``--submit``: submit, print how to follow, and follow unless ``--no-follow``."""
     url = dashboard_url_for(args.address)
-    job_id = submit_job(recipe, run_dir, url)
+    job_id = submit_job(recipe, run_dir, url, argv)
     console.print(f"submitted Ray job {job_id} to {url}\n  follow: encdec-launch logs {run_dir} --follow"
                   f"\n  status: encdec-launch status {run_dir}\n  stop:   encdec-launch stop {run_dir}")
     if args.no_follow:
