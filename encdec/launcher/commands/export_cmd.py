@@ -41,16 +41,9 @@ def pick_checkpoint(run_dir: Path, recipe: Any) -> Path:
 
 def _single_process_group() -> None:
     """DeepSpeed needs a process group even alone: a gloo group of one on a free local port."""
-    import torch.distributed as dist
+    from encdec.distributed.process_group import ensure_process_group
 
-    from encdec.distributed import find_free_port, init_process_group
-
-    if dist.is_available() and dist.is_initialized():
-        return
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(find_free_port()))):
-        os.environ.setdefault(key, value)
-    init_process_group("gloo")
+    ensure_process_group("gloo")
 
 
 def restore(run_dir: Path, recipe: Any, ckpt: Path) -> Any:

@@ -204,7 +204,6 @@ def fit(
     *,
     on_metrics: Callable[[dict[str, Any]], None] | None = None,
     on_stop_requested: Callable[[], None] | None = None,
-    runtime_env: dict[str, Any] | None = None,
 ) -> FitOutcome:
     """Run the recipe on the connected Ray cluster with ``TorchTrainer`` and stream rank 0's metrics.
 
@@ -213,7 +212,6 @@ def fit(
         run_dir: this run's directory: Ray's ``storage_path/name``, where the engine writes checkpoints.
         on_metrics: called in the main thread with each report of rank 0 (the progress bar).
         on_stop_requested: called when the first Ctrl-C/SIGTERM/SIGUSR1 arrives.
-        runtime_env: unused here (the Ray Job or ``ray.init`` carries it); kept for symmetry with jobs.submit.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -22,7 +22,7 @@ import secrets
 from collections.abc import MutableMapping
 from pathlib import Path
 
-__all__ = ["auth_env", "auth_headers", "config_dir", "ensure_token_file", "read_token"]
+__all__ = ["auth_env", "config_dir", "ensure_token_file", "read_token"]
 
 
 def config_dir() -> Path:
@@ -102,8 +102,3 @@ def read_token() -> str | None:
     path = ensure_token_file(create=False)
     return path.read_text().strip() if path is not None and path.is_file() else None
 
-
-def auth_headers() -> dict[str, str]:
-    """``{"Authorization": "Bearer ..."}`` for the dashboard's HTTP API (empty when there is no token)."""
-    token = read_token()
-    return {"Authorization": f"Bearer {token}"} if token else {}

@@ -31,22 +31,17 @@ from typing import Any
 from encdec.launcher.ray.ray_auth import auth_env
 from encdec.launcher.recipe.errors import LaunchError
 
-__all__ = ["LocalRayCluster", "free_port", "ray_executable"]
+__all__ = ["LocalRayCluster", "ray_executable"]
 
 STATE_TRACKING_ENV = {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def _free_ports(n: int, taken: set[int]) -> list[int]:
+    from encdec.distributed.process_group import find_free_port  # torch: loaded only when a cluster starts
+
     out: list[int] = []
     while len(out) < n:
-        p = free_port()
+        p = find_free_port()
         if p not in taken and p not in out:
             out.append(p)
     taken.update(out)

@@ -8,7 +8,7 @@ recipe in one pass instead of one error per launch. Nothing here imports torch.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,3 @@ def missing_mapping_issue(data: object, source: str) -> RecipeIssue:
         source=source,
     )
 
-
-def known_keys_hint(keys: Mapping[str, Any] | Iterable[str]) -> str:
-    """``allowed keys: a, b, c`` for a fix line."""
-    return "allowed keys: " + ", ".join(sorted(keys))

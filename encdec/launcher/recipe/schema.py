@@ -12,7 +12,6 @@ checked later by the planner (they need torch). Nothing here imports torch.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -64,7 +63,6 @@ __all__ = [
     "SyntheticSpec",
     "TrainSection",
     "json_schema",
-    "safe_name",
 ]
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -119,10 +117,3 @@ def json_schema() -> dict[str, Any]:
     """The recipe's JSON schema (``encdec-launch recipe --schema``)."""
     return Recipe.model_json_schema()
 
-
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def safe_name(name: str) -> str:
-    """A string usable in file and Ray run names."""
-    return _SAFE.sub("-", name).strip("-") or "run"
