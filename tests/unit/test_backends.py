@@ -194,3 +194,17 @@ def test_slurm_job_name_error_names_a_flag_that_exists() -> None:
     flags = {o for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions  # type: ignore[union-attr]
              for o in a.option_strings}
     assert "--name" in flags and "--job-name" not in flags
+
+
+def test_progress_sink_failures_warn_once_then_stay_quiet(caplog: pytest.LogCaptureFixture) -> None:
+    from encdec.launcher.ray.driver import WarnOnce
+
+    def broken() -> list[object]:
+        raise TimeoutError("sink did not answer within 10 s")
+
+    calls = WarnOnce("reading the progress sink")
+    with caplog.at_level("WARNING"):
+        results = [calls.call(broken, []) for _ in range(5)] + [calls.call(lambda: [1], [])]
+    assert results == [[], [], [], [], [], [1]] and calls.failures == 5
+    (record,) = caplog.records
+    assert "reading the progress sink failed (TimeoutError: sink did not answer" in record.getMessage()

@@ -9,17 +9,17 @@ template or the arguments.
 
 from __future__ import annotations
 
-import copy
 import math
 import re
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from encdec.launcher.recipe.errors import LaunchError
+from encdec.launcher.recipe.schema import recipe_dict
 
 __all__ = ["RECIPE_MOUNT", "rayjob_template_path", "render_rayjob"]
 
@@ -37,15 +37,6 @@ def rayjob_template_path() -> Path:
         raise LaunchError(f"RayJob template {path} not found; fix: run from a checkout of encdec-launch "
                           "(pip install -e .)")
     return path
-
-
-def _as_dict(recipe: Any) -> dict[str, Any]:
-    if isinstance(recipe, Mapping):
-        return copy.deepcopy(dict(recipe))
-    dump = getattr(recipe, "model_dump", None)
-    if callable(dump):
-        return dict(dump())
-    raise TypeError(f"recipe must be a mapping or a pydantic Recipe, got {type(recipe).__name__}")
 
 
 def _k8s_name(text: str) -> str:
@@ -94,7 +85,7 @@ def render_rayjob(
     Raises:
         LaunchError: ``cluster.storage`` is not an absolute path (every pod mounts it at that path).
     """
-    rec = _as_dict(recipe)
+    rec = recipe_dict(recipe)
     cluster = dict(rec.get("cluster") or {})
     storage = str(cluster.get("storage") or "")
     if not storage.startswith("/"):

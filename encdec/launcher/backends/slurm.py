@@ -28,6 +28,7 @@ from typing import Any
 
 from encdec.config import ClusterSection, SlurmSection
 from encdec.launcher.recipe.errors import LaunchError
+from encdec.launcher.recipe.schema import recipe_dict
 
 __all__ = [
     "FLAG_NAMES", "SlurmConfigError", "SlurmError", "SlurmJob", "SlurmOptions", "SlurmStatus", "driver_command",
@@ -157,15 +158,6 @@ class SlurmStatus:
 # options
 
 
-def _as_dict(recipe: Any) -> dict[str, Any]:
-    if isinstance(recipe, Mapping):
-        return dict(recipe)
-    dump = getattr(recipe, "model_dump", None)
-    if callable(dump):
-        return dict(dump())
-    raise TypeError(f"recipe must be a mapping or a pydantic Recipe, got {type(recipe).__name__}")
-
-
 def _flags_dict(flags: Any) -> dict[str, Any]:
     if flags is None:
         return {}
@@ -214,7 +206,7 @@ def resolve_options(recipe: Any, flags: Any = None) -> SlurmOptions:
     Raises:
         SlurmConfigError: every problem found, each with its field, value and fix.
     """
-    rec = _as_dict(recipe)
+    rec = recipe_dict(recipe)
     cluster = dict(rec.get("cluster") or {})
     slurm = dict(cluster.get("slurm") or {})
     fl = _flags_dict(flags)
@@ -377,7 +369,7 @@ def render_sbatch(
     Raises:
         SlurmConfigError: bad settings (all reported together).
     """
-    rec = _as_dict(recipe)
+    rec = recipe_dict(recipe)
     opts = resolve_options(rec, flags)
     if run_dir is None:
         storage = (rec.get("cluster") or {}).get("storage") or "runs"
@@ -460,7 +452,7 @@ def submit(
     Raises:
         SlurmConfigError: bad settings. SlurmError: sbatch missing or refusing the job.
     """
-    rec = _as_dict(recipe)
+    rec = recipe_dict(recipe)
     run_dir = Path(run_dir).resolve()
     (run_dir / "slurm").mkdir(parents=True, exist_ok=True)   # sbatch needs the --output directory to exist
     if recipe_path is None:

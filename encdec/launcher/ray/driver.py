@@ -8,6 +8,8 @@ a second Ctrl-C aborts without a checkpoint.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import signal
 import threading
@@ -19,10 +21,37 @@ from typing import TYPE_CHECKING, Any
 
 from encdec.launcher.recipe.errors import LaunchError
 
+log = logging.getLogger(__name__)
+
+
+def _drain(sink: Any, seen: int) -> list[dict[str, Any]]:
+    import ray
+
+    return list(ray.get(sink.drain.remote(seen), timeout=10))
+
+
+class WarnOnce:
+    """Best-effort calls: the first failure is reported, later ones stay quiet (the driver polls every 0.5 s; a
+    sink that stops answering would otherwise be silent forever, or fill the log)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+
+    def call(self, fn: Callable[[], Any], default: Any) -> Any:
+        try:
+            return fn()
+        except Exception as err:
+            self.failures += 1
+            if self.failures == 1:
+                log.warning("%s failed (%s: %s); the run goes on, progress and metrics may lag behind it "
+                            "(further failures are not reported)", self.what, type(err).__name__, err)
+            return default
+
 if TYPE_CHECKING:
     from encdec.launcher.recipe.schema import Recipe
 
-__all__ = ["FitOutcome", "ProgressSink", "check_capacity", "fit", "scaling_spec", "worker_env"]
+__all__ = ["FitOutcome", "ProgressSink", "WarnOnce", "check_capacity", "fit", "scaling_spec", "worker_env"]
 
 
 def scaling_spec(recipe: Recipe) -> dict[str, Any]:
@@ -266,13 +295,12 @@ def fit(
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     thread.start()
     seen = 0
+    sink_calls = WarnOnce("reading the progress sink")
     try:
         while True:
             thread.join(timeout=0.5)
-            try:
-                new = ray.get(sink.drain.remote(seen), timeout=10)
-            except Exception:  # the sink is best effort: a slow answer must not stop the run
-                new = []
+            # the sink is best effort: a slow answer must not stop the run
+            new = sink_calls.call(functools.partial(_drain, sink, seen), [])
             seen += len(new)
             outcome.metrics += new
             for m in new:
@@ -280,10 +308,7 @@ def fit(
                     on_metrics(m)
             if not thread.is_alive():
                 break
-        try:
-            outcome.finals = ray.get(sink.finals.remote(), timeout=10)
-        except Exception:
-            outcome.finals = {}
+        outcome.finals = sink_calls.call(lambda: ray.get(sink.finals.remote(), timeout=10), {})
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

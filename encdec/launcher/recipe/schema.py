@@ -12,6 +12,7 @@ checked later by the planner (they need torch). Nothing here imports torch.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,6 +64,7 @@ __all__ = [
     "SyntheticSpec",
     "TrainSection",
     "json_schema",
+    "recipe_dict",
 ]
 
 # --------------------------------------------------------------------------------------------- recipe
@@ -117,3 +119,12 @@ def json_schema() -> dict[str, Any]:
     """The recipe's JSON schema (``encdec-launch recipe --schema``)."""
     return Recipe.model_json_schema()
 
+
+def recipe_dict(recipe: Any) -> dict[str, Any]:
+    """A recipe as plain data (a deep copy: the caller may change it), from a mapping or a ``Recipe``."""
+    if isinstance(recipe, Mapping):
+        return copy.deepcopy(dict(recipe))
+    dump = getattr(recipe, "model_dump", None)
+    if callable(dump):
+        return dict(dump())
+    raise TypeError(f"recipe must be a mapping or a pydantic Recipe, got {type(recipe).__name__}")
