@@ -107,7 +107,7 @@ def test_shape_mismatch_is_a_recipe_error() -> None:
 def test_meta_forward_matches_cpu_saved_bytes() -> None:
     """The planner's peft-free LoRA on the meta device: the same parameter counts as the real peft model and
     (within 10%; attention kernels differ between meta and CPU) the same bytes saved for backward."""
-    from encdec.launcher.preflight.plan import count_parts, trace_activations
+    from encdec.launcher.preflight.trace import count_parts, trace_activations
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     meta = build_meta_model(recipe)

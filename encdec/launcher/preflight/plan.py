@@ -31,12 +31,11 @@ workers) in tests/integration/test_launcher_run.py and the launcher's closing no
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from encdec.launcher.preflight.trace import ActivationTrace, count_parts, input_shape_of, trace_activations
 from encdec.launcher.recipe.errors import RecipeIssue, did_you_mean
 
 if TYPE_CHECKING:
@@ -66,17 +65,6 @@ MEMORY_LAYOUTS = ("none", "ddp", "fsdp", "zero2", "zero3")
 # node) than when they were evicted. 1.05 GiB sits between the two. On GPU: CUDA context and allocator slack.
 RUNTIME_BYTES_CPU = int(1.05 * GiB)
 RUNTIME_BYTES_GPU = int(0.6 * GiB)
-
-
-@dataclass
-class ActivationTrace:
-    """What a training forward saves for backward, in bytes at fp32."""
-
-    total: int
-    per_unit: list[int]
-    unit_inputs: list[int]
-    float_fraction: float
-    output_shape: tuple[int, ...]
 
 
 @dataclass
@@ -227,81 +215,6 @@ def build_meta_model(recipe: Recipe) -> nn.Module:
         ]) from err
 
 
-# ----------------------------------------------------------------------------------------------- counting
-def count_parts(model: nn.Module) -> dict[str, PartCount]:
-    """Parameters per part (``encdec.models.peft.parameter_report``, the one counter): backbone-base (the
-    encoder without its adapters), adapters, neck, decoder, head, aux_heads; empty optional parts left out."""
-    from encdec.models.peft import parameter_report
-
-    report = parameter_report(model)
-    keep = ("backbone-base", "decoder", "head")
-    return {part: c for part, c in report.items() if part != "total" and (c.total or part in keep)}
-
-
-def _input_shape(recipe: Recipe, batch: int) -> tuple[int, ...]:
-    c, s, t = len(recipe.data.bands), recipe.data.img_size, recipe.data.num_frames
-    return (batch, c, t, s, s) if t > 1 else (batch, c, s, s)
-
-
-@contextlib.contextmanager
-def _unit_tracker(units: list[nn.Module], state: dict[str, Any]) -> Iterator[None]:
-    """Forward hooks that tell the saved-tensor hook which sharding unit is running and its input size."""
-    import torch
-
-    handles = []
-
-    def pre(i: int) -> Any:
-        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-            state["stack"].append(i)
-            state["inputs"][i] += sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
-
-        return hook
-
-    def post(_mod: nn.Module, _args: Any, _out: Any) -> None:
-        state["stack"].pop()
-
-    for i, unit in enumerate(units):
-        handles.append(unit.register_forward_pre_hook(pre(i)))
-        handles.append(unit.register_forward_hook(post))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def trace_activations(model: nn.Module, input_shape: tuple[int, ...], units: list[nn.Module]) -> ActivationTrace:
-    """Run one training-mode forward on the meta device and sum the distinct storages saved for backward."""
-    import torch
-
-    params = {p.untyped_storage()._cdata for p in model.parameters()}
-    params |= {b.untyped_storage()._cdata for b in model.buffers()}
-    saved: dict[int, tuple[int, int, bool]] = {}
-    state: dict[str, Any] = {"stack": [], "inputs": [0] * len(units)}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage._cdata
-        if key not in params and key not in saved:
-            unit = state["stack"][-1] if state["stack"] else -1
-            saved[key] = (storage.nbytes(), unit, t.is_floating_point())
-        return t
-
-    model.train()
-    x = torch.empty(input_shape, device="meta")
-    with _unit_tracker(units, state), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
-    output = getattr(out, "output", out)
-    per_unit = [0] * len(units)
-    total = floats = 0
-    for nbytes, unit, is_float in saved.values():
-        total += nbytes
-        floats += nbytes if is_float else 0
-        if unit >= 0:
-            per_unit[unit] += nbytes
-    return ActivationTrace(total, per_unit, state["inputs"], floats / total if total else 1.0, tuple(output.shape))
-
-
 def _expected_output(recipe: Recipe, batch: int) -> tuple[int, ...] | None:
     n, s = recipe.model.num_classes, recipe.data.img_size
     if recipe.task == "segmentation" and recipe.model.rescale:
@@ -422,7 +335,7 @@ def make_plan(recipe: Recipe) -> Plan:
     model = build_meta_model(recipe)
     parts = count_parts(model)
     units: list[nn.Module] = list(model.sharding_units()) if hasattr(model, "sharding_units") else []  # type: ignore[operator]
-    shape = _input_shape(recipe, micro)
+    shape = input_shape_of(recipe, micro)
     try:
         trace = trace_activations(model, shape, units)
     except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as err:
