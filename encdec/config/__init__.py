@@ -3,7 +3,7 @@
 Each section is defined once, with its defaults and descriptions (pydantic v2, ``extra="forbid"``). The engine,
 the data pipeline and the launcher receive these objects, never dicts they re-parse. Nothing here imports torch.
 Loading a YAML file (line numbers, did-you-mean, cross-section rules) is the launcher's job
-(``encdec.launcher.validate``); the whole-recipe model is ``encdec.launcher.schema.Recipe``.
+(``encdec.launcher.recipe.validate``); the whole-recipe model is ``encdec.launcher.recipe.schema.Recipe``.
 """
 
 from encdec.config.base import Section

@@ -55,19 +55,10 @@ _TAG = "ds"
 
 
 def _ensure_process_group(timeout_s: float) -> None:
-    """DeepSpeed always needs a process group: make a 1-rank gloo/NCCL group when none is described."""
-    import torch.distributed as dist
+    """DeepSpeed always needs a process group: a 1-rank gloo/NCCL group when none is described."""
+    from encdec.distributed.process_group import ensure_process_group
 
-    from encdec.distributed.process_group import find_free_port, init_process_group
-
-    if dist.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(
-            {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-             "LOCAL_RANK": "0"}
-        )
-    init_process_group(timeout_s=timeout_s)
+    ensure_process_group(timeout_s=timeout_s)
 
 
 def init_deepspeed_comm(timeout_s: float) -> None:

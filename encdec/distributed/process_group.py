@@ -19,6 +19,7 @@ __all__ = [
     "barrier",
     "default_backend",
     "default_device",
+    "ensure_process_group",
     "find_free_port",
     "init_process_group",
     "local_rank",
@@ -45,11 +46,24 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def find_free_port() -> int:
-    """A TCP port the OS reports free now (for ``MASTER_PORT`` in tests and local launches)."""
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS reports free now (``MASTER_PORT`` in tests and local launches, local Ray's ports)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def ensure_process_group(backend: str | None = None, *, timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> None:
+    """Join the process group the environment describes, or make a group of one (rank 0 on a free local port)
+    when it describes none: DeepSpeed and its checkpoint loading need a group even in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port()), "RANK": "0",
+                           "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    init_process_group(backend, timeout_s=timeout_s)
 
 
 def init_process_group(backend: str | None = None, *, timeout_s: float = DEFAULT_PG_TIMEOUT_S) -> bool:

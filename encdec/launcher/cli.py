@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("-o", "--output", help="recipe file to write (default: print)")
 
-    from encdec.launcher.predict_cmd import add_parsers  # argparse only: no torch/ray at import
+    from encdec.launcher.commands.predict_cmd import add_parsers  # argparse only: no torch/ray at import
 
     add_parsers(sub)
     _tune_parser(sub)
@@ -171,35 +171,35 @@ def _normalise_argv(argv: Sequence[str]) -> list[str]:
 
 def _dispatch(command: str) -> Callable[[argparse.Namespace], int]:
     if command == "run":
-        from encdec.launcher.launch import run_command
+        from encdec.launcher.commands.launch import run_command
 
         return run_command
     if command == "plan":
-        from encdec.launcher.launch import plan_command
+        from encdec.launcher.commands.launch import plan_command
 
         return plan_command
     if command == "recipe":
-        from encdec.launcher.launch import recipe_command
+        from encdec.launcher.commands.launch import recipe_command
 
         return recipe_command
     if command in ("status", "logs", "stop"):
-        from encdec.launcher import follow
+        from encdec.launcher.commands import follow
 
         return getattr(follow, f"{command}_command")  # type: ignore[no-any-return]
     if command == "export":
-        from encdec.launcher.export_cmd import export_command
+        from encdec.launcher.commands.export_cmd import export_command
 
         return export_command
     if command in ("predict", "evaluate"):
-        from encdec.launcher import predict_cmd
+        from encdec.launcher.commands import predict_cmd
 
         return predict_cmd.predict_command if command == "predict" else predict_cmd.evaluate_command
     if command == "tune":
-        from encdec.launcher.tune_cmd import tune_command
+        from encdec.launcher.commands.tune_cmd import tune_command
 
         return tune_command
     if command == "convert-terratorch":
-        from encdec.launcher.convert_terratorch import convert_command
+        from encdec.launcher.commands.convert_terratorch import convert_command
 
         return convert_command
     raise SystemExit(f"unknown command {command}")
@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_in)
     if args.command == "run" and not args.recipe and not args.resume and not args.run_dir:
         parser.error("give a recipe (encdec-launch RECIPE.yaml) or --resume RUN_DIR")
-    from encdec.launcher.errors import LaunchError, RecipeError
+    from encdec.launcher.recipe.errors import LaunchError, RecipeError
 
     try:
         return int(_dispatch(args.command)(args))

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from encdec.launcher.errors import LaunchError
+from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = [
     "LAUNCH_FILE",

@@ -239,7 +239,3 @@ def recomputed_state_keys(model: nn.Module) -> set[str]:
     return out
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (works on the meta device)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-

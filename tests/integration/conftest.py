@@ -17,7 +17,7 @@ import pytest
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[object]:
     """A 2-node local Ray cluster (head + one more raylet on this machine, distinct ports), 2 logical CPUs each."""
-    from encdec.launcher.ray_cluster import LocalRayCluster
+    from encdec.launcher.ray.ray_cluster import LocalRayCluster
 
     temp = f"/tmp/ray-l{os.getpid()}"
     cluster = LocalRayCluster(temp_dir=temp, num_nodes=2, num_cpus=2)

@@ -47,7 +47,7 @@ def _quickstart_ckpt(path: Path, *, head_bias: float | None = None, num_classes:
     """
     import torch
 
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.models import build_model
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"model.num_classes={num_classes}"])

@@ -44,8 +44,8 @@ def test_evaluate_split_writes_the_engine_metrics(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from encdec.data.synthetic import write_tiles
-    from encdec.launcher.export_cmd import inference_data
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.commands.export_cmd import inference_data
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.train.build import build_run_model
 
     run = tmp_path / "run"

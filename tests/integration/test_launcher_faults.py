@@ -105,8 +105,8 @@ def test_ctrl_c_checkpoints_then_resume_finishes(ray_cluster: object, quick_tile
     assert last.get("stopped") is True and 4 <= stopped_at < 16
     assert _complete_steps(run_dir) == [stopped_at]  # ckpt_every=100: this one came from Ctrl-C
     # loadable: restore it into a model in this process
-    from encdec.launcher.export_cmd import restore
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.commands.export_cmd import restore
+    from encdec.launcher.recipe.validate import load_recipe
 
     module = restore(run_dir, load_recipe(run_dir / "recipe.yaml"), run_dir / "checkpoints" / f"step_{stopped_at:08d}")
     assert sum(p.numel() for p in module.parameters()) > 0

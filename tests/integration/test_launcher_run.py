@@ -86,8 +86,8 @@ def test_quickstart_as_ray_job_end_to_end(ray_cluster: object, quick_tiles: Path
     import torch
     import yaml
 
-    from encdec.launcher.export_cmd import restore
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.commands.export_cmd import restore
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.models import build_model
 
     doc = yaml.safe_load((run_dir / "export" / "model.yaml").read_text())
@@ -104,7 +104,7 @@ def test_quickstart_as_ray_job_end_to_end(ray_cluster: object, quick_tiles: Path
     assert seen["metrics"], "no encdec_train_loss gauge on any node's /metrics"
 
     # the plan's per-worker memory estimate against each worker's measured peak RSS
-    from encdec.launcher.plan import GiB, make_plan
+    from encdec.launcher.preflight.plan import GiB, make_plan
 
     plan = make_plan(load_recipe(run_dir / "recipe.yaml"))
     workers = [json.loads(p.read_text()) for p in sorted((run_dir / "workers").glob("rank*.json"))]

@@ -121,8 +121,8 @@ def test_two_ray_workers_on_the_local_cluster_write_the_same_bytes(export_dir: P
 
 
 def test_run_directory_gives_recipe_settings_and_a_clear_error_without_checkpoint(tmp_path: Path) -> None:
-    from encdec.launcher.errors import LaunchError
-    from encdec.launcher.predict_cmd import load_run_model, resolve_model, tiled_from
+    from encdec.launcher.commands.predict_cmd import load_run_model, resolve_model, tiled_from
+    from encdec.launcher.recipe.errors import LaunchError
 
     (tmp_path / "recipe.yaml").write_text((REPO / "recipes" / "quickstart.yaml").read_text())
     spec = resolve_model(str(tmp_path))

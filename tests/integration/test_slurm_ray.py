@@ -32,7 +32,7 @@ from slurm_testlib import (
     wait_for,
 )
 
-from encdec.launcher import slurm
+from encdec.launcher.backends import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ray, pytest.mark.slow]
 

@@ -24,7 +24,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 from slurm_testlib import ensure_local_slurm, job_field, job_logs, job_processes, wait_for
 
-from encdec.launcher import slurm
+from encdec.launcher.backends import slurm
 
 pytestmark = [pytest.mark.slurm, pytest.mark.ray, pytest.mark.slow]
 

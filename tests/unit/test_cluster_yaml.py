@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from encdec.launcher.errors import LaunchError
-from encdec.launcher.k8s import render_rayjob
+from encdec.launcher.backends.k8s import render_rayjob
+from encdec.launcher.recipe.errors import LaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_YAML = ROOT / "cluster" / "ray-cluster.yaml"

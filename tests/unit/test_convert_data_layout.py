@@ -10,7 +10,7 @@ import pytest
 
 from encdec.config import DataSection
 from encdec.data import build_iterator
-from encdec.launcher.convert_data_layout import convert_layout
+from encdec.launcher.commands.convert_data_layout import convert_layout
 
 FIX = Path(__file__).parent / "fixtures" / "terratorch_layouts"
 META = json.loads((FIX / "reference.json").read_text())

@@ -105,8 +105,8 @@ def test_layout_errors_name_the_field(tmp_path):
 
 
 def test_recipe_schema_takes_the_layout_and_hands_it_to_the_data_package():
-    from encdec.launcher.errors import RecipeError
-    from encdec.launcher.validate import recipe_from_dict
+    from encdec.launcher.recipe.errors import RecipeError
+    from encdec.launcher.recipe.validate import recipe_from_dict
 
     base = {"task": "segmentation", "model": {"backbone": "prithvi_eo_tiny", "num_classes": 2},
             "train": {"max_steps": 1}}

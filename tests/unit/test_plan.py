@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from encdec.launcher.errors import RecipeError
-from encdec.launcher.plan import GiB, build_meta_model, estimate_memory, make_plan
-from encdec.launcher.validate import load_recipe
+from encdec.launcher.preflight.plan import GiB, build_meta_model, estimate_memory, make_plan
+from encdec.launcher.recipe.errors import RecipeError
+from encdec.launcher.recipe.validate import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -108,7 +108,7 @@ def test_shape_mismatch_is_a_recipe_error() -> None:
 def test_meta_forward_matches_cpu_saved_bytes() -> None:
     """The planner's peft-free LoRA on the meta device: the same parameter counts as the real peft model and
     (within 10%; attention kernels differ between meta and CPU) the same bytes saved for backward."""
-    from encdec.launcher.plan import count_parts, trace_activations
+    from encdec.launcher.preflight.trace import count_parts, trace_activations
 
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml")
     meta = build_meta_model(recipe)
@@ -135,7 +135,7 @@ def test_meta_forward_matches_cpu_saved_bytes() -> None:
 
 
 def test_plan_does_not_import_peft() -> None:
-    code = ("import sys\nfrom encdec.launcher.validate import load_recipe\nfrom encdec.launcher.plan import make_plan\n"
+    code = ("import sys\nfrom encdec.launcher.recipe.validate import load_recipe\nfrom encdec.launcher.preflight.plan import make_plan\n"
             f"make_plan(load_recipe({str(REPO / 'recipes' / 'prithvi_lora.yaml')!r}))\n"
             "print('peft' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True)
@@ -143,7 +143,7 @@ def test_plan_does_not_import_peft() -> None:
 
 
 def test_cpu_workers_get_the_malloc_threshold_unless_the_user_set_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from encdec.launcher.driver import MALLOC_ENV, run_spec, worker_env
+    from encdec.launcher.ray.driver import MALLOC_ENV, run_spec, worker_env
 
     quick = REPO / "recipes" / "quickstart.yaml"
     recipe = load_recipe(quick, ["cluster.gpus_per_worker=0"])

@@ -40,8 +40,8 @@ def _export(tmp_path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from encdec.launcher.export_cmd import inference_data
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.commands.export_cmd import inference_data
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.train.build import build_run_model
 
     path = tmp_path / "recipe.yaml"
@@ -63,7 +63,7 @@ def test_predict_applies_the_training_preprocessing(tmp_path: Path, size: int) -
 
     import encdec
     from encdec.data.preprocess import preprocess
-    from encdec.launcher.predict_cmd import resolve_model, tiled_from
+    from encdec.launcher.commands.predict_cmd import resolve_model, tiled_from
     from tests.unit._predict_models import write_scene
 
     export = _export(tmp_path)

@@ -44,8 +44,8 @@ def _copy_run(name: str, tiles: dict[str, Path], dest: Path, **train: Any) -> Pa
 
 @pytest.mark.parametrize("name", ["lora", "full"])
 def test_round1_run_resumes(name: str, tiles: dict[str, Path], tmp_path: Path) -> None:
-    from encdec.launcher.driver import train_config
-    from encdec.launcher.validate import load_recipe
+    from encdec.launcher.ray.driver import train_config
+    from encdec.launcher.recipe.validate import load_recipe
     from encdec.train.loop import train
 
     run_dir = _copy_run(name, tiles, tmp_path, max_steps=6)
@@ -73,7 +73,7 @@ def test_round1_run_resumes(name: str, tiles: dict[str, Path], tmp_path: Path) -
 def test_round1_run_exports(name: str, tiles: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from encdec.launcher.export_cmd import export_run
+    from encdec.launcher.commands.export_cmd import export_run
 
     run_dir = _copy_run(name, tiles, tmp_path)
     out = export_run(run_dir)  # the best checkpoint (step 2); checks the strict load into the plain model itself

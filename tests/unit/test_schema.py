@@ -11,10 +11,10 @@ import yaml
 from pydantic import BaseModel
 
 from encdec.config import DataSection, LossSection
-from encdec.launcher.errors import RecipeError
-from encdec.launcher.overrides import OverrideError, parse_override, parse_path
-from encdec.launcher.schema import Recipe, json_schema
-from encdec.launcher.validate import load_recipe, recipe_from_dict
+from encdec.launcher.recipe.errors import RecipeError
+from encdec.launcher.recipe.overrides import OverrideError, parse_override, parse_path
+from encdec.launcher.recipe.schema import Recipe, json_schema
+from encdec.launcher.recipe.validate import load_recipe, recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

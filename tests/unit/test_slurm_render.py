@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from encdec.launcher import slurm
-from encdec.launcher.slurm import SlurmConfigError, parse_time_limit, render_sbatch, resolve_options
+from encdec.launcher.backends import slurm
+from encdec.launcher.backends.slurm import SlurmConfigError, parse_time_limit, render_sbatch, resolve_options
 
 GOLDEN = Path(__file__).parent / "golden"
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ray.sbatch"

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from encdec.launcher.errors import RecipeError
-from encdec.launcher.validate import recipe_from_dict
+from encdec.launcher.recipe.errors import RecipeError
+from encdec.launcher.recipe.validate import recipe_from_dict
 
 MINIMAL: dict[str, Any] = {
     "task": "segmentation",

@@ -46,7 +46,6 @@ from encdec.models.peft.trainable import (
     adapter_parameter_names,
     adapter_state_keys,
     check_trainable,
-    format_parameter_report,
     freeze_backbone,
     is_adapter_key,
     parameter_report,
@@ -57,6 +56,6 @@ from encdec.models.peft.trainable import (
 __all__ = [
     "ADAPTER_KEY_MARKERS", "METHODS", "PARTS", "UNSUPPORTED", "ParsedPeftConfig", "PartCount", "PeftConfigError",
     "QKVSep", "TrainableSetError", "_layer_adapters", "adapter_parameter_names", "adapter_state_keys",
-    "check_trainable", "format_parameter_report", "freeze_backbone", "get_peft_backbone", "is_adapter_key",
+    "check_trainable", "freeze_backbone", "get_peft_backbone", "is_adapter_key",
     "parameter_report", "parse_peft_config", "replace_qkv", "reset_adapters", "set_trainable", "tuner_layers",
 ]

@@ -4,7 +4,7 @@ one freezer (:func:`set_trainable`), its check and the one parameter counter (:f
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 from torch import Tensor, nn
@@ -13,7 +13,7 @@ from encdec.models.peft.config import ADAPTER_KEY_MARKERS, TrainableSetError
 from encdec.models.peft.standin import StandinLoRA
 
 __all__ = ["PARTS", "PartCount", "adapter_parameter_names", "adapter_state_keys", "check_trainable",
-           "format_parameter_report", "freeze_backbone", "is_adapter_key", "parameter_report", "set_trainable",
+           "freeze_backbone", "is_adapter_key", "parameter_report", "set_trainable",
            "tuner_layers"]
 
 def tuner_layers(module: nn.Module) -> Iterator[tuple[str, Any]]:
@@ -173,13 +173,6 @@ def parameter_report(model: nn.Module) -> dict[str, PartCount]:
     report = {part: PartCount(*c) for part, c in counts.items()}
     report["total"] = PartCount(sum(c.trainable for c in report.values()), sum(c.total for c in report.values()))
     return report
-
-
-def format_parameter_report(report: Mapping[str, PartCount]) -> str:
-    """The report as an aligned text table (for logs)."""
-    lines = [f"{'part':<14}{'trainable':>14}{'total':>14}"]
-    lines += [f"{part:<14}{c.trainable:>14,}{c.total:>14,}" for part, c in report.items()]
-    return "\n".join(lines)
 
 
 _freeze_backbone_base = freeze_backbone  # set_trainable's keyword of the same name hides it
