@@ -216,12 +216,13 @@ def test_terratorch_head_keys_map_channel_list_blocks_and_pixel_shuffle() -> Non
 # ---------------------------------------------------------------------------------------------- 8. round 1
 def test_round1_dcp_checkpoint_without_pos_embed_resumes(tmp_path: Path) -> None:
     from encdec.distributed import make_strategy
+    from encdec.train.optim import build_optimizer
 
     def strategy(seed: int) -> Any:
         torch.manual_seed(seed)
         model = build_model("segmentation", decoder="FCNDecoder", num_classes=2, decoder_channels=8,
                             necks=[{"name": "ReshapeTokensToImage"}], **TINY)
-        s = make_strategy("none")
+        s = make_strategy("none", optimizer_factory=build_optimizer)
         s.setup(model, {"name": "adamw", "lr": 1e-3}, precision="fp32", grad_accum=1, activation_checkpointing=False)
         return s
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from encdec.launcher.recipe.errors import LaunchError
 from encdec.launcher.commands.tune_space import parse_search_args, parse_space, validate_spaces
 from encdec.launcher.commands.tune_trial import apply_values
+from encdec.launcher.recipe.errors import LaunchError
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
