@@ -68,3 +68,25 @@ def test_terratorch_options_not_implemented_are_refused_by_name() -> None:
         build_model(task, **args, backbone_vit_adapter=True)
     with torch.device("meta"), pytest.raises(ValueError, match=r"in_chans=7 and in_channels=6 disagree"):
         build_model(task, **args, backbone_in_chans=7, backbone_in_channels=6)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE))
+def test_official_model_args_plan_as_a_recipe_model_section(name: str) -> None:
+    """What ``encdec-launch RECIPE --dry-run`` does with the block pasted as ``model:``: the recipe validates
+    (every key accepted by the schema) and the planner builds it on meta and pushes a dummy batch through."""
+    from encdec.launcher.preflight.plan import make_plan
+    from encdec.launcher.recipe.validate import recipe_from_dict
+
+    task, args = _load(name)
+    bands = args["backbone_bands"]
+    frames = args.get("backbone_num_frames", 1)
+    recipe = recipe_from_dict({
+        "task": task, "model": args,
+        "data": {"train": {"tiles": "/nowhere"}, "bands": bands, "means": [0.0] * len(bands),
+                 "stds": [1.0] * len(bands), "img_size": 224, "num_frames": frames, "global_batch_size": 2},
+        "train": {"max_steps": 1, "precision": "fp32"},
+    })
+    plan = make_plan(recipe)
+    k = args["num_classes"] if task == "segmentation" else 1
+    assert plan.input_shape == (2, len(bands), *([frames] if frames > 1 else []), 224, 224)
+    assert plan.output_shape[0] == 2 and plan.output_shape[-2:] == (224, 224) and k >= 1
