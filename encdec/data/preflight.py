@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from encdec.data.badtiles import BadTileError, EmptyTileError
 from encdec.config import DataSection
+from encdec.data.badtiles import BadTileError, EmptyTileError
 from encdec.data.config import DataConfigError
 from encdec.data.sources import list_samples
 

@@ -26,10 +26,10 @@ RESULTS = "results.csv"
 
 def _metric(recipe: Any) -> tuple[str, str]:
     """The search metric and mode: tune.metric/mode, else train.best_metric/best_mode, else the task's default."""
-    from encdec.train.loop_parts import _BEST_DEFAULTS
+    from encdec.config import BEST_DEFAULTS
 
     t, train = recipe.tune, recipe.train
-    default_metric, default_mode = _BEST_DEFAULTS[recipe.task]
+    default_metric, default_mode = BEST_DEFAULTS[recipe.task]
     metric = t.metric or train.best_metric or default_metric
     if t.mode:
         return metric, t.mode
@@ -44,8 +44,8 @@ def tune_command(args: argparse.Namespace) -> int:
     """Run (or continue) a search; returns the exit status."""
     from encdec.config.tune import TuneConfig
     from encdec.launcher.commands.launch import _console, _flags, absolutize_paths, prepare_synthetic
-    from encdec.launcher.recipe.validate import load_recipe
     from encdec.launcher.commands.tune_space import parse_search_args, validate_spaces
+    from encdec.launcher.recipe.validate import load_recipe
 
     console = _console()
     recipe = load_recipe(args.recipe, args.overrides, flags=_flags(args))
@@ -124,8 +124,8 @@ def _run_search(recipe: Any, spec: dict[str, Any], spaces: list[Any], search_dir
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from encdec.launcher.ray.driver import check_capacity
     from encdec.launcher.commands.tune_trial import run_trial
+    from encdec.launcher.ray.driver import check_capacity
 
     t = recipe.tune
     check_capacity(recipe)

@@ -35,8 +35,8 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str, 
     from ray import tune
     from rich.console import Console
 
-    from encdec.launcher.ray.driver import check_capacity, fit
     from encdec.launcher.commands.launch import open_run_dir
+    from encdec.launcher.ray.driver import check_capacity, fit
     from encdec.launcher.ray.local_run import finish_run
     from encdec.launcher.recipe.validate import recipe_from_dict
 
