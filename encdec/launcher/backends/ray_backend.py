@@ -73,12 +73,14 @@ class LocalRay:
         if run.run_dir is None:
             raise LaunchError("give a run directory")
         path = run.run_dir / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.is_file() else []
+        text = path.read_text() if path.is_file() else ""
+        whole = text[:text.rfind("\n") + 1]  # the driver may be half-way through a line: it is printed when done
+        lines = whole.splitlines()
         if _tail(lines, tail):
             out.write("\n".join(_tail(lines, tail)) + "\n")
         if not follow:
             return
-        offset = path.stat().st_size if path.is_file() else 0
+        offset = len(whole.encode())
         while True:
             alive = driver_alive(run.launch)   # read before the file, so the last lines are not missed
             if path.is_file():
