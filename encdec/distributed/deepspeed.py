@@ -34,6 +34,7 @@ from encdec.distributed.deepspeed_patches import (
     share_stage3_fp32_master,
     universal_checkpoint_loading,
 )
+from encdec.distributed.ds_safe import check_deepspeed_checkpoint
 from encdec.distributed.strategy import Strategy, StrategyError
 
 if TYPE_CHECKING:
@@ -234,11 +235,15 @@ class DeepSpeedStrategy(Strategy):
         meta = self._read_checkpoint_meta(ckpt_dir, DS_FORMAT, "deepspeed")
         adapter_only = bool(meta.get("adapter_only", False))
         engine = self.model
+        # DeepSpeed (and its universal converter) unpickle with weights_only=False: check what they will read first
+        check_deepspeed_checkpoint(ckpt_dir / "state" / _TAG)
         if int(meta["world_size"]) == self.world_size and int(meta.get("zero_stage", self.zero_stage)) == self.zero_stage:
             load_dir = ckpt_dir / "state"
         else:
             load_dir = self._universal_dir(ckpt_dir)
         universal = load_dir != ckpt_dir / "state"
+        if universal:
+            check_deepspeed_checkpoint(load_dir / _TAG)
         with universal_checkpoint_loading(engine, universal):
             path, _ = engine.load_checkpoint(  # type: ignore[operator]
                 str(load_dir),

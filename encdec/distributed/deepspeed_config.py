@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from encdec.config.checks import check_int
 from encdec.distributed.strategy import PRECISIONS, StrategyError, as_optim_section
 
 if TYPE_CHECKING:
@@ -65,15 +66,12 @@ def deepspeed_config(
         raise StrategyError(
             f"precision {precision!r} is not supported by strategy 'deepspeed'; use one of {', '.join(PRECISIONS)}"
         )
-    for field, value in (("optim.grad_accum", grad_accum), ("micro_batch", micro_batch)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise StrategyError(f"{field} must be a positive integer, got {value!r}")
+    check_int(grad_accum, "optim.grad_accum", error=StrategyError)
+    check_int(micro_batch, "micro_batch", error=StrategyError,
+              fix="data.global_batch_size must be a multiple of world size x optim.grad_accum")
     if grad_clip is not None and (not isinstance(grad_clip, (int, float)) or grad_clip < 0 or math.isnan(grad_clip)):
         raise StrategyError(f"optim.grad_clip must be a number >= 0 or null, got {grad_clip!r}")
-    if unit_numel is not None and (not isinstance(unit_numel, int) or isinstance(unit_numel, bool) or unit_numel < 1):
-        raise StrategyError(
-            f"unit_numel (parameters in the largest sharding unit) must be a positive integer or None, got {unit_numel!r}"
-        )
+    check_int(unit_numel, "unit_numel (parameters in the largest sharding unit)", optional=True, error=StrategyError)
 
     zero: dict[str, Any] = {
         "stage": zero_stage,

@@ -51,7 +51,15 @@ def deepspeed_version() -> str | None:
     try:
         return metadata.version("deepspeed")
     except metadata.PackageNotFoundError:
+        pass
+    # A DeepSpeed copied or vendored without its dist-info has no package metadata; its module still knows its
+    # version, and judging by that keeps the patches on instead of silently disabling them.
+    try:
+        import deepspeed
+    except ImportError:
         return None
+    version = getattr(deepspeed, "__version__", None)
+    return str(version) if version else None
 
 
 def _in_tested_range(version: str | None) -> bool:

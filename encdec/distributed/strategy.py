@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.distributed.ckpt_io import atomic_checkpoint_dir, load_extra, read_meta_of_format, save_extra
 from encdec.distributed.frozen_storage import compute_dtype
 from encdec.distributed.process_group import DEFAULT_PG_TIMEOUT_S, barrier, default_device
@@ -278,8 +279,7 @@ class Strategy(ABC):
                 f"precision {precision!r} is not supported by strategy {self.name!r}; use one of "
                 f"{', '.join(PRECISIONS)} (resolve 'auto' with encdec.train.precision first)"
             )
-        if not isinstance(grad_accum, int) or isinstance(grad_accum, bool) or grad_accum < 1:
-            raise StrategyError(f"grad_accum must be a positive integer (optim.grad_accum), got {grad_accum!r}")
+        check_int(grad_accum, "grad_accum (optim.grad_accum)", error=StrategyError)
         self.precision = precision
         self.grad_accum = grad_accum
         return as_optim_section(optim_cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -162,10 +163,13 @@ class TorchStrategy(Strategy):
     def load(self, ckpt_dir: str | Path) -> dict[str, Any]:
         """DCP load (resharding to this world size); see ``Strategy.load``."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         from encdec.distributed.ckpt_io import CheckpointError
+        from encdec.distributed.dcp_safe import SafeDcpLoadPlanner, SafeFileSystemReader, load_dcp_metadata
         from encdec.models.model import recomputed_state_keys
+        from encdec.models.safe_load import UnsafeGlobalError
 
         meta = self._read_checkpoint_meta(ckpt_dir, DCP_FORMAT, "none/ddp/fsdp")
         adapter_only = bool(meta.get("adapter_only", False))
@@ -175,9 +179,16 @@ class TorchStrategy(Strategy):
         fixed = {k: model_sd.pop(k) for k in recomputed_state_keys(self.module) if k in model_sd}
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
         try:
+            with open(Path(ckpt_dir) / "state" / ".metadata", "rb") as f:  # refused here with a clear message
+                load_dcp_metadata(f, str(Path(ckpt_dir) / "state" / ".metadata"))
             with _one_process():
-                dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "state"))
-        except Exception as e:  # DCP raises a bare RuntimeError listing missing keys
+                # DCP's own reader unpickles .metadata and byte items with plain pickle: a shared run directory
+                # must not run code, so both go through restricted unpicklers (dcp_safe)
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(ckpt_dir) / "state")),
+                         planner=SafeDcpLoadPlanner())
+        except (UnsafeGlobalError, pickle.UnpicklingError, OSError) as e:
+            raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} was refused: {e}") from None
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             raise CheckpointError(
                 f"checkpoint {str(ckpt_dir)!r} does not fit this model/optimizer (adapter_only={adapter_only}): {e}"
             ) from e

@@ -207,7 +207,7 @@ class _SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     def load_newobj(self) -> None:
         args = self.stack.pop()
         cls = self.stack.pop()
-        self.append(_checked_class(cls).__new__(cls, *args))
+        self.append(self.checked_class(cls).__new__(cls, *args))
 
     dispatch[pickle.NEWOBJ[0]] = load_newobj
 
@@ -215,9 +215,13 @@ class _SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
         kwargs = self.stack.pop()
         args = self.stack.pop()
         cls = self.stack.pop()
-        self.append(_checked_class(cls).__new__(cls, *args, **kwargs))
+        self.append(self.checked_class(cls).__new__(cls, *args, **kwargs))
 
     dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    def checked_class(self, cls: Any) -> type:
+        """``cls`` if ``NEWOBJ`` may create an instance of it (a subclass widens the allowlist here)."""
+        return _checked_class(cls)
 
 
 def _checked_class(cls: Any) -> type:

@@ -75,3 +75,17 @@ def test_universal_checkpoint_switch(monkeypatch: pytest.MonkeyPatch) -> None:
         with P.universal_checkpoint_loading(engine, True):
             pass
     assert engine._config.load_universal_checkpoint is False
+
+
+def test_version_without_package_metadata_falls_back_to_the_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DeepSpeed copied without its dist-info keeps its patches: the module's own ``__version__`` is judged."""
+    from importlib import metadata
+
+    deepspeed = pytest.importorskip("deepspeed")
+
+    def no_metadata(name: str) -> str:
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "version", no_metadata)
+    assert P.deepspeed_version() == deepspeed.__version__
+    assert P.patch_enabled("probe-no-metadata", "none")
