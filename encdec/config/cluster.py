@@ -45,6 +45,11 @@ class ClusterSection(Section):
     storage: str = Field(
         "runs", description="Run storage root; must be reachable from every node (shared FS) when nodes > 1."
     )
+    image: str | None = Field(
+        None, description="Container image with encdec-launch installed, for --k8s (every pod of the RayJob runs it), "
+        "e.g. registry.example.com/team/encdec-launch:0.1.0 built FROM rayproject/ray with `pip install .`. "
+        "null = cluster/rayjob.yaml's placeholder, which `--k8s --dry-run` shows and `--k8s` refuses.",
+    )
     runtime_env: dict[str, Any] | None = Field(
         None, description="Ray runtime_env for --address/--submit (working_dir, pip, env_vars)."
     )

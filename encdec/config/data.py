@@ -121,6 +121,9 @@ class DataSection(PixelLayout, Section):
         None, description="Per-band means for normalisation (default: Prithvi HLS statistics for HLS band names)."
     )
     stds: list[float] | None = Field(None, description="Per-band standard deviations (same length as bands).")
+    class_names: list[str] | None = Field(
+        None, description="Names of the classes in label order (length model.num_classes); written into the exported "
+        "model.yaml, where predict takes them for tags and legends.")
     img_size: int = Field(224, ge=8, le=8192, description="Tile size in pixels the model sees.")
     num_frames: int = Field(1, ge=1, description="Time steps per sample; >1 gives [C, T, H, W] inputs.")
     global_batch_size: int = Field(

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from encdec.config.base import Section
 from encdec.config.early_stop import EarlyStopConfig
 from encdec.config.names import BEST_DEFAULTS, LossName, PrecisionName, StrategyName
+from encdec.config.plateau import PlateauConfig
 
 __all__ = ["LossSection", "OptimSection", "RunSection", "TrainSection"]
 
@@ -83,11 +84,24 @@ class OptimSection(Section):
     )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
     nesterov: bool = Field(False, description="SGD Nesterov momentum (needs momentum > 0).")
-    schedule: Literal["cosine", "constant"] = Field("cosine", description="LR after warmup: cosine decay or constant.")
+    schedule: Literal["cosine", "constant", "plateau"] = Field(
+        "cosine", description="LR after warmup: cosine decay, constant, or plateau (lowered by optim.plateau.factor "
+        "when a validation metric stops improving).")
+    plateau: PlateauConfig | None = Field(
+        None, description="schedule plateau: metric, mode, factor, patience, threshold, threshold_mode, cooldown "
+        "(torch's ReduceLROnPlateau, counted in validations; torch's defaults when the schedule is plateau).")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
-    min_lr: float = Field(0.0, ge=0, description="Floor of the cosine schedule (at most lr).")
+    min_lr: float = Field(0.0, ge=0, description="Floor of the cosine and plateau schedules (at most lr).")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this; null = off.")
     grad_accum: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
+
+    @model_validator(mode="after")
+    def _plateau_defaults(self) -> OptimSection:
+        # schedule plateau without a plateau block runs torch's defaults, written out so the resolved recipe shows
+        # them; set through __dict__ because an assignment would validate (and so call this) again
+        if self.schedule == "plateau" and self.plateau is None:
+            self.__dict__["plateau"] = PlateauConfig.model_validate({})
+        return self
 
     @field_validator("betas")
     @classmethod

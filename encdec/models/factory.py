@@ -108,6 +108,13 @@ def _build_backbone(backbone: str | nn.Module, kwargs: dict[str, Any]) -> nn.Mod
             )
         encoder = backbone
     elif isinstance(backbone, str):
+        from encdec.models.backbone_args import not_implemented_note, unknown_backbone_args
+
+        if backbone in BACKBONE_REGISTRY and (unknown := unknown_backbone_args(backbone, kwargs)):
+            named = ", ".join(f"{k!r}" + (f" (did you mean {c!r}?)" if c else "") for k, c in unknown)
+            why = not_implemented_note(backbone, (k for k, _ in unknown))
+            raise FactoryError(f"backbone {backbone!r} does not take the argument(s) {named}{why}; fix the spelling "
+                               "of backbone_<arg> or remove it")
         encoder = BACKBONE_REGISTRY.build(backbone, **kwargs)
     else:
         raise FactoryError(f"backbone must be a registry name or an nn.Module, got {type(backbone).__name__}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.models.norms import conv_bias, make_norm2d
 
 __all__ = [
@@ -114,8 +115,7 @@ class RegressionHead(nn.Module):
                 "BatchNorm) and is not supported here; remove it, or set head_norm: none | group | layer | "
                 "frozen_batch to change the norm"
             )
-        if not isinstance(learned_upscale_layers, int) or isinstance(learned_upscale_layers, bool) or learned_upscale_layers < 0:
-            raise ValueError(f"learned_upscale_layers must be an int >= 0, got {learned_upscale_layers!r}")
+        check_int(learned_upscale_layers, "learned_upscale_layers", minimum=0)
         self.upscale = nn.Sequential(*(PixelShuffleUpscale(in_channels, norm) for _ in range(learned_upscale_layers)))
         self.hidden, ch = _conv_stack(in_channels, channel_list, norm)
         self.dropout = nn.Dropout2d(dropout)

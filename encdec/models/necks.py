@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int, is_number
 from encdec.models.decoders._blocks import check_feature_maps, check_index, check_norm, learned_pyramid
 from encdec.registry import NECK_REGISTRY
 
@@ -145,7 +146,7 @@ class InterpolateToPyramidal(Neck):
 
     def __init__(self, channel_list: Sequence[int], scale_factor: int = 2, mode: str = "nearest") -> None:
         super().__init__(channel_list)
-        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or scale_factor <= 0:
+        if not is_number(scale_factor) or scale_factor <= 0:
             raise ValueError(f"InterpolateToPyramidal: scale_factor must be a positive number, got {scale_factor!r}")
         if mode not in _INTERP_MODES:
             raise ValueError(f"InterpolateToPyramidal: mode={mode!r} is not supported; use one of {_INTERP_MODES}")
@@ -172,9 +173,7 @@ class MaxpoolToPyramidal(Neck):
 
     def __init__(self, channel_list: Sequence[int], kernel_size: int = 2) -> None:
         super().__init__(channel_list)
-        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1:
-            raise ValueError(f"MaxpoolToPyramidal: kernel_size must be an int >= 1, got {kernel_size!r}")
-        self.kernel_size = kernel_size
+        self.kernel_size = check_int(kernel_size, "MaxpoolToPyramidal: kernel_size")
 
     def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> list[Tensor]:
         check_feature_maps(features, "MaxpoolToPyramidal")
@@ -219,10 +218,9 @@ class ReshapeTokensToImage(Neck):
         patch_size: int | Sequence[int] | None = None,
     ) -> None:
         super().__init__(channel_list)
-        if isinstance(effective_time_dim, bool) or not isinstance(effective_time_dim, int) or effective_time_dim < 1:
-            raise ValueError(f"ReshapeTokensToImage: effective_time_dim must be an int >= 1, got {effective_time_dim!r}")
-        if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
-            raise ValueError(f"ReshapeTokensToImage: h must be a positive int or None, got {h!r}")
+        check_int(effective_time_dim, "ReshapeTokensToImage: effective_time_dim",
+                  fix="the number of time steps the tokens hold, e.g. 1 for one frame")
+        check_int(h, "ReshapeTokensToImage: h", optional=True, fix="the token grid height, or null to infer a square grid")
         if patch_size is not None:
             ps = [patch_size] * 2 if isinstance(patch_size, int) else list(patch_size)[-2:]
             if len(ps) != 2 or not all(isinstance(p, int) and p > 0 for p in ps):
@@ -439,9 +437,7 @@ class FeaturePyramidNetworkNeck(Neck):
                 "FeaturePyramidNetworkNeck: output_ordered_dict=True returns an OrderedDict, which no decoder takes "
                 "(TerraTorch fails on it too); set output_ordered_dict: false"
             )
-        if isinstance(out_channel, bool) or not isinstance(out_channel, int) or out_channel < 1:
-            raise ValueError(f"FeaturePyramidNetworkNeck: out_channel must be a positive int, got {out_channel!r}")
-        self.out_channel = out_channel
+        self.out_channel = check_int(out_channel, "FeaturePyramidNetworkNeck: out_channel")
         self.fpn = FeaturePyramidNetwork(self.channel_list, out_channel)
 
     def forward(self, features: list[Tensor], image_size: tuple[int, int] | None = None) -> list[Tensor]:

@@ -134,7 +134,7 @@ def test_decoder_argument_errors() -> None:
         DECODER_REGISTRY.build("UNetDecoder", PYR, channels=16)
     with pytest.raises(ValueError, match=r"IdentityDecoder: out_index=-5 is out of range for 4 input features"):
         DECODER_REGISTRY.build("IdentityDecoder", PYR, out_index=-5)
-    with pytest.raises(ValueError, match=r"LinearDecoder: num_classes must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"LinearDecoder: num_classes must be an int >= 1, got 0 \(out of range\); fix: "):
         DECODER_REGISTRY.build("LinearDecoder", PYR, num_classes=0)
 
 

@@ -64,10 +64,27 @@ def test_official_model_args_build_on_meta_and_are_honoured(name: str) -> None:
 
 def test_terratorch_options_not_implemented_are_refused_by_name() -> None:
     task, args = _load("sen1floods11")
-    with torch.device("meta"), pytest.raises(TypeError, match=r"unsupported arguments \['vit_adapter'\].*not implemented"):
+    from encdec.models.factory import FactoryError
+
+    with torch.device("meta"), pytest.raises(FactoryError, match=r"'vit_adapter' \(vit_adapter: TerraTorch options not implemented here\)"):
         build_model(task, **args, backbone_vit_adapter=True)
     with torch.device("meta"), pytest.raises(ValueError, match=r"in_chans=7 and in_channels=6 disagree"):
         build_model(task, **args, backbone_in_chans=7, backbone_in_channels=6)
+
+
+
+def test_recipe_check_gives_the_same_reason_for_a_terratorch_option_not_implemented() -> None:
+    from encdec.launcher.preflight.static_checks import static_checks
+    from encdec.launcher.recipe.validate import recipe_from_dict
+
+    task, args = _load("sen1floods11")
+    bands = args["backbone_bands"]
+    recipe = recipe_from_dict({
+        "task": task, "model": {**args, "backbone_vit_adapter": True},
+        "data": {"train": {"tiles": "/nowhere"}, "bands": bands, "means": [0.0] * len(bands),
+                 "stds": [1.0] * len(bands), "global_batch_size": 2}, "train": {"max_steps": 1}})
+    said = [i.message for i in static_checks(recipe)]
+    assert any("'vit_adapter' (vit_adapter: TerraTorch options not implemented here)" in m for m in said), said
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONE))

@@ -201,7 +201,7 @@ def test_builder_argument_errors() -> None:
         BACKBONE_REGISTRY.build("prithvi_eo_tiny", in_chans=4)
     with pytest.raises(ValueError, match="no published weights"):
         BACKBONE_REGISTRY.build("prithvi_eo_tiny", pretrained=True)
-    with pytest.raises(ValueError, match="num_frames must be a positive int"):
+    with pytest.raises(ValueError, match=r"num_frames must be an int >= 1, got .*; fix: the time steps per sample"):
         BACKBONE_REGISTRY.build("prithvi_eo_tiny", num_frames=0)
     with pytest.raises(ValueError, match="out_indices entry 9"):
         BACKBONE_REGISTRY.build("prithvi_eo_tiny", out_indices=[9])

@@ -76,8 +76,36 @@ def test_round1_run_exports(name: str, tiles: dict[str, Path], tmp_path: Path) -
     from encdec.launcher.commands.export_cmd import export_run
 
     run_dir = _copy_run(name, tiles, tmp_path)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    recipe["data"]["class_names"] = ["land", "water"]  # issue 17: model.yaml carries what inference needs
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     out = export_run(run_dir)  # the best checkpoint (step 2); checks the strict load into the plain model itself
     state = load_file(str(out))
     assert state and not any("lora_" in k or "q_linear" in k for k in state)
     doc = yaml.safe_load((out.parent / "model.yaml").read_text())
     assert "peft_config" not in doc["model"]
+    data = doc["data"]
+    assert data["bands"] == recipe["data"]["bands"] and len(data["means"]) == len(data["stds"]) == len(data["bands"])
+    assert (data["constant_scale"], data["img_size"], data["num_frames"]) == (1.0, recipe["data"]["img_size"], 1)
+    assert doc["class_names"] == ["land", "water"]
+    from encdec.launcher.commands.predict_cmd import resolve_model
+
+    (run_dir / "recipe.yaml").unlink()  # predict needs nothing but the export folder
+    spec = resolve_model(str(out.parent))
+    assert spec.class_names == ("land", "water") and spec.data is not None and spec.data.means == data["means"]
+
+
+def test_class_names_must_match_num_classes(tmp_path: Path) -> None:
+    from encdec.launcher.recipe.errors import RecipeError
+    from encdec.launcher.recipe.validate import load_recipe
+
+    doc = yaml.safe_load((FIXTURE / "full" / "recipe.yaml").read_text())
+    doc["data"]["class_names"] = ["land", "water", "cloud"]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(RecipeError, match=r"data\.class_names.*3 names but model\.num_classes is 2"):
+        load_recipe(path)
+    doc["data"]["class_names"] = ["land", 7]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(RecipeError, match=r"data\.class_names"):
+        load_recipe(path)

@@ -248,4 +248,7 @@ def build_prithvi(
 
 
 for _name, _spec in VARIANTS.items():
-    BACKBONE_REGISTRY.register(functools.partial(build_prithvi, _name), name=_name, **_spec.metadata())
+    # accepted_args: build_prithvi takes **unsupported only to refuse it by name; the recipe check reads this list
+    # not_implemented: TerraTorch options of these backbones that are refused with that reason, not a did-you-mean
+    BACKBONE_REGISTRY.register(functools.partial(build_prithvi, _name), name=_name, accepted_args=_KWARGS,
+                               not_implemented=("vit_adapter", "vpt"), **_spec.metadata())

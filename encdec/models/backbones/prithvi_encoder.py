@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.models.backbones.prithvi_bands import Band, band_label
 from encdec.models.backbones.prithvi_layers import Block, LocationEncoder, PatchEmbed3D, TemporalEncoder
 from encdec.models.backbones.prithvi_pos import interpolate_pos_embed, sincos_3d_pos_embed
@@ -84,8 +85,7 @@ class PrithviViT(nn.Module):
             patch_size = (1, patch_size, patch_size)
         if len(patch_size) != 3 or not all(isinstance(p, int) and p > 0 for p in patch_size):
             raise ValueError(f"patch_size must be (t, h, w) positive ints or an int, got {patch_size!r}")
-        if not isinstance(num_frames, int) or isinstance(num_frames, bool) or num_frames < 1:
-            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        check_int(num_frames, "num_frames", fix="the time steps per sample, e.g. 1 for single-date images")
         pt, ph, pw = (int(p) for p in patch_size)
         if num_frames % pt:
             raise ValueError(f"num_frames={num_frames} must be a multiple of the tubelet size {pt} (patch_size[0])")
@@ -140,8 +140,8 @@ class PrithviViT(nn.Module):
             raise ValueError(f"out_indices must be a non-empty list of block indices, got {out_indices!r}")
         resolved = []
         for i in out_indices:
-            if not isinstance(i, int) or isinstance(i, bool) or not -depth <= i < depth:
-                raise ValueError(f"out_indices entry {i!r} is not a block index of this {depth}-block encoder")
+            check_int(i, f"out_indices entry {i!r}", minimum=-depth, maximum=depth - 1,
+                      fix=f"a block index of this {depth}-block encoder (negative counts from the last)")
             resolved.append(i % depth)
         return resolved
 

@@ -8,6 +8,7 @@ timm's local cache or ``ckpt_path`` (a local file), otherwise it fails with timm
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -88,6 +89,37 @@ class TimmSource:
 
     def build(self, name: str, *args: Any, **kwargs: Any) -> TimmEncoder:
         return TimmEncoder(name, *args, **kwargs)
+
+    def accepted_args(self, name: str) -> list[str] | None:
+        """What ``timm_<name>`` takes without building it: TimmEncoder's own arguments, ``timm.create_model``'s and
+        ``build_model_with_cfg``'s, and the constructor arguments of the model classes in the model's timm module
+        (those with ``forward_features``; a feature class too). None when one of them takes ``**kwargs``."""
+        import importlib
+
+        import timm
+        from timm.models import _builder, _registry
+
+        module_name = _registry._model_to_module.get(name)  # the entrypoint's module, e.g. "resnet"
+        if module_name is None:
+            return None
+        module = importlib.import_module(f"timm.models.{module_name}")
+        classes = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, nn.Module)
+                   and c.__module__ == module.__name__ and hasattr(c, "forward_features")]
+        if not classes:
+            return None
+        names = {"pretrained", "ckpt_path", "in_chans", "bands", "out_indices", "features_only",
+                 "pretrained_cfg_overlay", "feature_cls", "feature_cfg", "output_stride", "flatten_sequential"}
+        # the module's own factories (_create_resnet, _gen_mobilenet_v3...) consume some arguments before the class
+        helpers: list[Any] = [f for n, f in vars(module).items()
+                              if inspect.isfunction(f) and n.startswith(("_create", "_gen"))]
+        passing: tuple[Any, ...] = (timm.create_model, _builder.build_model_with_cfg, *helpers)
+        for fn in (*passing, *[c.__init__ for c in classes]):
+            params = inspect.signature(fn).parameters.values()
+            if fn not in passing and any(
+                    p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+                return None
+            names |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return sorted(names - {"self", "model_name", "model_cls", "variant", "kwargs"})
 
 
 TIMM_SOURCE = TimmSource()

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.models.norms import NORMS, conv_bias, make_norm2d
 
 __all__ = ["ConvModule", "check_feature_maps", "check_index", "check_norm", "learned_pyramid"]
@@ -22,8 +23,7 @@ def check_norm(norm: str, owner: str) -> str:
 def check_index(index: int, channel_list: Sequence[int], owner: str, arg: str) -> int:
     """Validate an index into the feature list (negative allowed), naming the argument and the list length."""
     n = len(channel_list)
-    if isinstance(index, bool) or not isinstance(index, int):
-        raise TypeError(f"{owner}: {arg} must be an int, got {index!r} ({type(index).__name__})")
+    check_int(index, f"{owner}: {arg}", minimum=None, error=TypeError)
     if not -n <= index < n:
         raise ValueError(
             f"{owner}: {arg}={index} is out of range for {n} input features (channel_list={list(channel_list)}); "

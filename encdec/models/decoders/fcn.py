@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.models.decoders._blocks import check_feature_maps, check_index, check_norm
 from encdec.models.norms import conv_bias, make_norm2d
 from encdec.registry import DECODER_REGISTRY
@@ -51,10 +52,8 @@ class FCNDecoder(nn.Module):
         norm: str = "layer",
     ) -> None:
         super().__init__()
-        if isinstance(num_convs, bool) or not isinstance(num_convs, int) or num_convs < 1:
-            raise ValueError(f"FCNDecoder: num_convs must be an int >= 1, got {num_convs!r}")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"FCNDecoder: channels must be a positive int, got {channels!r}")
+        check_int(num_convs, "FCNDecoder: num_convs")
+        check_int(channels, "FCNDecoder: channels")
         self.channel_list = list(channel_list)
         self.in_index = check_index(in_index, self.channel_list, "FCNDecoder", "in_index")
         self.norm = check_norm(norm, "FCNDecoder")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.models.decoders._blocks import check_feature_maps, check_index
 from encdec.registry import DECODER_REGISTRY
 
@@ -37,10 +38,8 @@ class LinearDecoder(nn.Module):
         in_index: int = -1,
     ) -> None:
         super().__init__()
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"LinearDecoder: num_classes must be a positive int, got {num_classes!r}")
-        if isinstance(upsampling_size, bool) or not isinstance(upsampling_size, int) or upsampling_size < 1:
-            raise ValueError(f"LinearDecoder: upsampling_size must be a positive int, got {upsampling_size!r}")
+        check_int(num_classes, "LinearDecoder: num_classes")
+        check_int(upsampling_size, "LinearDecoder: upsampling_size", fix="the patch size the tokens came from, e.g. 16")
         self.channel_list = list(channel_list)
         self.in_index = check_index(in_index, self.channel_list, "LinearDecoder", "in_index")
         self.num_classes = num_classes

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from encdec.config.checks import check_int
 from encdec.models.decoders._blocks import ConvModule, check_feature_maps, check_norm, learned_pyramid
 from encdec.registry import DECODER_REGISTRY
 
@@ -69,11 +70,12 @@ class UperNetDecoder(nn.Module):
         channel_list = list(channel_list)
         if not channel_list:
             raise ValueError("UperNetDecoder: channel_list is empty; it needs at least one feature")
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"UperNetDecoder: channels must be a positive int, got {channels!r}")
+        check_int(channels, "UperNetDecoder: channels")
         scales = list(pool_scales) if isinstance(pool_scales, Sequence) else None
-        if not scales or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in scales):
+        if not scales:
             raise ValueError(f"UperNetDecoder: pool_scales must be a non-empty list of ints >= 1, got {pool_scales!r}")
+        for i, s in enumerate(scales):
+            check_int(s, f"UperNetDecoder: pool_scales[{i}]", fix="pooled grid sizes such as [1, 2, 3, 6]")
         self.norm = check_norm(norm, "UperNetDecoder")
         self.scale_modules = bool(scale_modules)
         if self.scale_modules:
