@@ -44,6 +44,7 @@ from encdec.train.loop_parts import (
     seed_everything,
     strategy_options,
     to_device,
+    validation_decisions,
 )
 
 __all__ = ["train"]
@@ -104,8 +105,11 @@ def train(
     grad_accum = optim.grad_accum
     max_norm = optim.grad_clip
     from encdec.train.early_stop import EarlyStopper
+    from encdec.train.plateau import PlateauScheduler
 
     stopper = EarlyStopper(train.early_stop) if train.early_stop is not None else None
+    plateau = (PlateauScheduler(optim.plateau, lr=optim.lr, min_lr=optim.min_lr)
+               if optim.schedule == "plateau" and optim.plateau is not None else None)
     loss_fn = build_loss(task, loss)  # before anything heavy: a bad loss section fails in a second
     run_path = Path(run_dir)
 
@@ -170,6 +174,8 @@ def train(
         ckpts.restore_best(extra, strategy)  # the best so far, from the checkpoint itself (not best.json)
         if stopper is not None:  # the patience count survives resume
             stopper.load_state_dict(extra.get("early_stop"))
+        if plateau is not None:  # so do the plateau's count and the reductions made so far
+            plateau.load_state_dict(extra.get("plateau"))
         restore_rng(extra.get("rng"), same_world=extra.get("world_size") == world, seed=seed, rank=rank, step=step)
         if rank == 0:
             LOG.info("resumed from %s at step %d", resume_from, step)
@@ -185,7 +191,8 @@ def train(
 
     def save(metrics: Mapping[str, float] | None = None, data_state: dict[str, Any] | None = None) -> Path:
         extra = {"data": data_state or train_iter.state_dict(), "rng": capture_rng(), "world_size": world,
-                 "early_stop": stopper.state_dict() if stopper is not None else None}
+                 "early_stop": stopper.state_dict() if stopper is not None else None,
+                 "plateau": plateau.state_dict() if plateau is not None else None}
         return ckpts.save(strategy, step, extra, metrics)
 
     # -- the loop -------------------------------------------------------------------------------------------------
@@ -210,7 +217,8 @@ def train(
             stopped = True
             break
         norms = shared[:-1]
-        set_lr(strategy.optimizer, lr_at(step, optim, max_steps))
+        plateau_lr = plateau.lr if plateau is not None else None
+        set_lr(strategy.optimizer, lr_at(step, optim, max_steps, plateau_lr=plateau_lr))
         step_loss = torch.zeros(1, dtype=torch.float64)
         for i, batch in enumerate(micro):
             with strategy.no_sync(is_last_micro=i == grad_accum - 1):
@@ -234,7 +242,7 @@ def train(
                 "step": step,
                 "epoch": train_iter.state_dict()["epoch"],
                 "train/loss": loss_sum / window.steps,
-                "train/lr": lr_at(step - 1, optim, max_steps),
+                "train/lr": lr_at(step - 1, optim, max_steps, plateau_lr=plateau_lr),
                 "train/grad_norm": grad_norm,
                 "train/tiles_per_s": window.steps * data.global_batch_size / elapsed,
                 "train/data_wait_pct": 100.0 * window.wait / elapsed,
@@ -257,9 +265,12 @@ def train(
         # a collective decision (a best step is saved off the ckpt_every grid): from the all-reduced metrics and
         # the in-memory best, the same on every rank; never from best.json, which a rank may read stale
         is_best = ckpts.is_best(val)
-        # early stop: every rank saw the same all-reduced val metrics; the flag is all-reduced all the same
-        early = bool(val) and stopper is not None and bool(
-            all_reduce_sum(torch.tensor([float(stopper.update(val))], dtype=torch.float64))[0] > 0)
+        # early stop and the plateau LR: every rank saw the same all-reduced val metrics; the flags are all-reduced
+        # all the same. A lowered LR applies from the next step on (it is part of the checkpoint saved below).
+        early, lr_lowered = validation_decisions(val, stopper, plateau)
+        if lr_lowered and rank == 0:
+            LOG.info("step %d: %s has not improved for %d validations; LR lowered to %.3g", step,
+                     plateau.cfg.metric, plateau.cfg.patience + 1, plateau.lr)  # type: ignore[union-attr]
         if early:
             last = {**last, "status": "early-stopped"}
             if rank == 0:

@@ -131,3 +131,29 @@ def evaluate(strategy: Any, val_iter: Any, loss_fn: Any, *, task: str, num_class
     finally:
         module.train(was_training)
     return {"val/loss": meter.compute(), **{f"val/{k}": v for k, v in metrics.compute().items()}}
+
+
+def validation_decisions(val: Mapping[str, float], stopper: Any, plateau: Any) -> tuple[bool, bool]:
+    """(stop now, LR lowered now) after a validation: ``train.early_stop`` and the plateau schedule.
+
+    Every rank feeds the same all-reduced metrics to its own ``EarlyStopper`` / ``PlateauScheduler`` and so decides
+    the same; one all-reduce of the two flags makes sure of it: any rank's stop stops every rank (none may leave the
+    loop alone), and ranks that disagree on the LR (their replicas would drift apart) fail the run, on every rank.
+    """
+    from encdec.train.metrics import all_reduce_sum
+
+    if not val or (stopper is None and plateau is None):
+        return False, False
+    flags = torch.tensor([float(stopper.update(val)) if stopper is not None else 0.0,
+                          float(plateau.update(val)) if plateau is not None else 0.0], dtype=torch.float64)
+    stop, lowered = all_reduce_sum(flags.clone()).tolist()
+    if lowered and lowered != _world_size():
+        raise RuntimeError(f"ranks disagree on the plateau schedule ({lowered:g} of {_world_size()} lowered the LR) "
+                           "though they saw the same all-reduced validation metrics; this is a bug, please report it")
+    return stop > 0, lowered > 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ClassificationMetrics", "LossMeter", "RegressionMetrics", "SegmentationMetrics", "all_reduce_sum", "build_metrics"]
+__all__ = ["ClassificationMetrics", "LossMeter", "RegressionMetrics", "SegmentationMetrics", "all_reduce_sum", "build_metrics",
+           "count_confusion"]
 
 
 def all_reduce_sum(t: Tensor) -> Tensor:
@@ -30,6 +31,14 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     else:
         dist.all_reduce(t)
     return t
+
+
+def count_confusion(target: Tensor, pred: Tensor, num_classes: int) -> Tensor:
+    """The ``[num_classes, num_classes]`` confusion counts (float64, CPU; rows: target, columns: prediction) of
+    already-masked class ids: the one counting routine of validation, ``evaluate --split`` and whole-scene
+    ``evaluate`` (each caller selects its valid pixels first)."""
+    idx = (target.long() * num_classes + pred.long()).reshape(-1).cpu()
+    return torch.bincount(idx, minlength=num_classes**2).reshape(num_classes, num_classes).double()
 
 
 class SegmentationMetrics:
@@ -56,9 +65,7 @@ class SegmentationMetrics:
         pred = logits.argmax(dim=1)
         valid = _and(target != self.ignore_index if self.ignore_index is not None
                      else torch.ones_like(target, dtype=torch.bool), valid)
-        t, p = target[valid].long(), pred[valid].long()
-        idx = (t * self.num_classes + p).cpu()
-        self.confusion += torch.bincount(idx, minlength=self.num_classes**2).reshape(self.num_classes, -1).double()
+        self.confusion += count_confusion(target[valid], pred[valid], self.num_classes)
 
     def compute(self) -> dict[str, float]:
         """All-reduce the confusion matrix and return ``mIoU``, ``accuracy``, ``mAcc`` and ``IoU_<class>``.
@@ -89,7 +96,8 @@ class ClassificationMetrics(SegmentationMetrics):
 
 
 class RegressionMetrics:
-    """Sums of squared / absolute errors and the valid count -> RMSE and MAE over all valid targets.
+    """Sums of squared / absolute errors, of targets and squared targets, and the valid count -> RMSE, MAE and R²
+    over all valid targets (R² = 1 - SSE / SST, with SST = sum(y²) - sum(y)²/n from the all-reduced sums).
 
     Args:
         ignore_index: nodata target value to skip (NaN targets are always skipped).
@@ -97,22 +105,27 @@ class RegressionMetrics:
 
     def __init__(self, ignore_index: float | None = None) -> None:
         self.ignore_index = ignore_index
-        self.totals = torch.zeros(3, dtype=torch.float64)  # squared error, absolute error, count
+        # squared error, absolute error, count, sum of targets, sum of squared targets
+        self.totals = torch.zeros(5, dtype=torch.float64)
 
     def update(self, pred: Tensor, target: Tensor, valid: Tensor | None = None) -> None:
         """Add a batch of predictions and targets of the same shape (``valid``: see ``SegmentationMetrics``)."""
         valid = _and(~torch.isnan(target), valid)
         if self.ignore_index is not None:
             valid &= target != self.ignore_index
-        diff = (pred.float()[valid] - target.float()[valid]).double()
-        self.totals += torch.stack([(diff * diff).sum(), diff.abs().sum(), torch.tensor(diff.numel(), dtype=torch.float64)]).cpu()
+        y = target[valid].double()
+        diff = pred.double()[valid] - y
+        n = torch.tensor(diff.numel(), dtype=torch.float64, device=diff.device)
+        self.totals += torch.stack([(diff * diff).sum(), diff.abs().sum(), n, y.sum(), (y * y).sum()]).cpu()
 
     def compute(self) -> dict[str, float]:
-        """All-reduce and return ``rmse`` and ``mae`` (NaN when there was no valid target)."""
-        sq, ab, n = all_reduce_sum(self.totals.clone()).tolist()
+        """All-reduce and return ``rmse``, ``mae`` and ``r2`` (NaN when there was no valid target; ``r2`` NaN
+        when the targets are constant)."""
+        sq, ab, n, sy, syy = all_reduce_sum(self.totals.clone()).tolist()
         if n == 0:
-            return {"rmse": math.nan, "mae": math.nan}
-        return {"rmse": math.sqrt(sq / n), "mae": ab / n}
+            return {"rmse": math.nan, "mae": math.nan, "r2": math.nan}
+        sst = syy - sy * sy / n
+        return {"rmse": math.sqrt(sq / n), "mae": ab / n, "r2": 1.0 - sq / sst if sst > 0 else math.nan}
 
 
 class LossMeter:

@@ -1,13 +1,15 @@
-"""Optimizer over trainable parameters only, and the learning-rate schedule (linear warmup + cosine).
+"""Optimizer over trainable parameters only, and the learning-rate schedule (linear warmup + cosine/plateau).
 
 Optimizer section (``optim:`` in the recipe, ``encdec.config.OptimSection``): ``name`` (adamw | sgd), ``lr``, ``weight_decay``, ``schedule``
-(cosine | constant), ``warmup_steps``, ``min_lr`` (floor of the cosine, default 0), ``betas`` / ``eps`` / ``fused``
+(cosine | constant | plateau, with ``plateau``: ``encdec.train.plateau``), ``warmup_steps``, ``min_lr`` (floor of the
+cosine and plateau schedules, default 0), ``betas`` / ``eps`` / ``fused``
 (adamw; fused by default: one kernel per parameter instead of ~10 passes, also on CPU and on FSDP2's DTensors),
 ``momentum`` / ``nesterov`` (sgd), ``grad_clip`` and ``grad_accum`` (read by the loop, not here).
 
-The schedule is a pure function of the optimizer step, applied by writing ``group["lr"]`` before each step.
-So resuming needs only the step (no scheduler object to save), and it works unchanged on optimizers that are
-not ``torch.optim.Optimizer`` subclasses (DeepSpeed's ZeRO wrappers expose ``param_groups`` too).
+The schedule is a pure function of the optimizer step (and, for plateau, of the reductions so far), applied by
+writing ``group["lr"]`` before each step. So resuming needs only the step and the plateau state (no torch scheduler
+object to save), and it works unchanged on optimizers that are not ``torch.optim.Optimizer`` subclasses
+(DeepSpeed's ZeRO wrappers expose ``param_groups`` too).
 """
 
 from __future__ import annotations
@@ -83,13 +85,17 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimi
                              fused=fused or None)
 
 
-def lr_at(step: int, optim: OptimSection, max_steps: int) -> float:
+def lr_at(step: int, optim: OptimSection, max_steps: int, *, plateau_lr: float | None = None) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warmup from ``lr/warmup`` to ``lr`` over
-    ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` at ``max_steps`` (or constant)."""
+    ``warmup_steps``, then cosine from ``lr`` to ``min_lr`` at ``max_steps``, constant, or (schedule plateau)
+    ``plateau_lr``: the LR after the plateau reductions so far (``PlateauScheduler.lr``; default ``lr``), which
+    the warmup then ramps to."""
     lr, warmup, min_lr = optim.lr, optim.warmup_steps, optim.min_lr
+    if optim.schedule == "plateau" and plateau_lr is not None:
+        lr = plateau_lr
     if step < warmup:
         return lr * (step + 1) / warmup
-    if optim.schedule == "constant":
+    if optim.schedule in ("constant", "plateau"):
         return lr
     span = max(1, max_steps - warmup)
     progress = min(1.0, (step - warmup) / span)

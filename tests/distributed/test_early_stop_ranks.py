@@ -58,26 +58,38 @@ def _train(rank: int, world: int, runs: list[dict[str, Any]]) -> list[dict[str, 
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(tiles: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every run of this module in ONE 2-process spawn (process start-up dominates on 2 cores), one after the
+    other, each in its own run directory: a stall under DDP and under FSDP2, and a DDP run stopped after step 4
+    then resumed. Returns ``{name: (run_dir, [rank 0's result, rank 1's result])}``."""
+    root = tmp_path_factory.mktemp("early_stop")
+    plan = {
+        "ddp": _run(tiles, root / "ddp", "ddp"),
+        "fsdp": _run(tiles, root / "fsdp", "fsdp"),
+        "stopped": _run(tiles, root / "resume", "ddp", stop_after=4),  # one validation without improvement
+        "resumed": _run(tiles, root / "resume", "ddp", resume=str(root / "resume")),
+    }
+    per_rank = run_distributed(_train, 2, list(plan.values()), timeout_s=900)
+    return {name: (Path(run["run_dir"]), [r[i] for r in per_rank]) for i, (name, run) in enumerate(plan.items())}
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_stalled_metric_stops_every_rank_at_the_same_step(strategy: str, tiles: dict[str, str],
-                                                          tmp_path: Path) -> None:
-    per_rank = run_distributed(_train, 2, [_run(tiles, tmp_path / "run", strategy)], timeout_s=600)
-    finals = [r[0]["final"] for r in per_rank]
+def test_stalled_metric_stops_every_rank_at_the_same_step(strategy: str, runs: dict[str, Any]) -> None:
+    run_dir, per_rank = runs[strategy]
+    finals = [r["final"] for r in per_rank]
     for final in finals:
         assert final["step"] == 6 and final["status"] == "early-stopped" and not final["stopped"]
         assert Path(final["checkpoint"]).name == "step_00000006"  # it checkpointed where it stopped
-    assert (tmp_path / "run" / "checkpoints" / "step_00000006").is_dir()
-    val_steps = [m["step"] for m in per_rank[0][0]["reports"] if "val/loss" in m]
+    assert (run_dir / "checkpoints" / "step_00000006").is_dir()
+    val_steps = [m["step"] for m in per_rank[0]["reports"] if "val/loss" in m]
     assert sorted(set(val_steps)) == [2, 4, 6]
-    last_line = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+    last_line = (run_dir / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"status": "early-stopped"' in last_line
 
 
-def test_patience_count_survives_stop_and_resume(tiles: dict[str, str], tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    first = _run(tiles, run_dir, "ddp", stop_after=4)  # stops after step 4: one validation without improvement
-    again = _run(tiles, run_dir, "ddp", resume=str(run_dir))
-    stopped, resumed = run_distributed(_train, 2, [first, again], timeout_s=600)[0]
+def test_patience_count_survives_stop_and_resume(runs: dict[str, Any]) -> None:
+    stopped, resumed = runs["stopped"][1][0], runs["resumed"][1][0]
     assert stopped["final"]["stopped"] and stopped["final"]["step"] == 4
     # the count (1 of 2) came back from the checkpoint: the next validation (step 6) stops the run, as it would
     # have without the interruption; a fresh count would have run on to step 8

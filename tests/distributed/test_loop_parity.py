@@ -162,12 +162,23 @@ def _close(a: list[float], b: list[float], rel: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tiles: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
+def single(tiles: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
+    """The loss curves of every single-process run of this module, from ONE 1-process spawn (process start-up
+    dominates on 2 cores), each run in its own run directory: ``ref/<model>`` (fp32, global batch 4 in one
+    micro-batch), ``accum/<model>`` (4 accumulated micro-batches of 1) and ``bf16`` (prithvi_lora_upernet)."""
+    root = tmp_path_factory.mktemp("single")
+    plan = {f"ref/{m}": _sections(tiles, model=m) for m in MODELS}
+    plan.update({f"accum/{m}": _sections(tiles, model=m, grad_accum=4) for m in MODELS})
+    plan["bf16"] = _sections(tiles, model="prithvi_lora_upernet", precision="bf16")
+    runs = [{**run, "run_dir": str(root / name.replace("/", "-"))} for name, run in plan.items()]
+    out = run_distributed(_train, 1, runs, timeout_s=900)[0]
+    return {name: r["losses"] for name, r in zip(plan, out)}
+
+
+@pytest.fixture(scope="module")
+def reference(single: dict[str, list[float]]) -> dict[str, list[float]]:
     """Single-process fp32 curves (global batch 4 in one micro-batch) of each model."""
-    root = tmp_path_factory.mktemp("reference")
-    runs = [{**_sections(tiles, model=m), "run_dir": str(root / m)} for m in MODELS]
-    out = run_distributed(_train, 1, runs, timeout_s=300)[0]
-    return {m: r["losses"] for m, r in zip(MODELS, out)}
+    return {m: single[f"ref/{m}"] for m in MODELS}
 
 
 def test_reference_trains(reference: dict[str, list[float]]) -> None:
@@ -177,12 +188,10 @@ def test_reference_trains(reference: dict[str, list[float]]) -> None:
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_accumulation_equals_one_big_batch(model: str, tiles: dict[str, str], reference: dict[str, list[float]],
-                                           tmp_path: Path) -> None:
+def test_accumulation_equals_one_big_batch(model: str, single: dict[str, list[float]],
+                                           reference: dict[str, list[float]]) -> None:
     """k=4 micro-batches of 1 sample in one process == one batch of 4 (ignored pixels differ per sample)."""
-    run = {**_sections(tiles, model=model, grad_accum=4), "run_dir": str(tmp_path / "run")}
-    out = run_distributed(_train, 1, [run], timeout_s=300)[0][0]
-    _close(out["losses"], reference[model], 1e-5)
+    _close(single[f"accum/{model}"], reference[model], 1e-5)
 
 
 @pytest.mark.parametrize(
@@ -234,29 +243,35 @@ def test_stop_and_resume_equals_uninterrupted_also_at_world_size_1(
     assert two["val/mIoU"] == pytest.approx(one["val/mIoU"], abs=1e-3)  # a near-tie pixel may flip its argmax
 
 
-def test_bf16_trains_close_to_fp32(tiles: dict[str, str], reference: dict[str, list[float]], tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def two_ranks_trained(tiles: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[float]]:
+    """The loss curves of the 2-rank runs that must train (not match exactly), from ONE 2-process spawn: bf16
+    under DDP and under FSDP2's mixed-precision policy, and a BatchNorm model under DDP (fp32)."""
+    root = tmp_path_factory.mktemp("two_ranks_trained")
+    model = "prithvi_lora_upernet"
+    plan = {s: _sections(tiles, model=model, strategy=s, precision="bf16") for s in ("ddp", "fsdp")}
+    spec = dict(MODELS[model])
+    spec["necks"] = [*spec["necks"][:2], {"name": "LearnedInterpolateToPyramidal", "norm": "batch"}]
+    spec.update(decoder_norm="batch", head_norm="batch")
+    plan["batchnorm"] = {**_sections(tiles, model=model, strategy="ddp"), "model": spec}
+    runs = [{**run, "run_dir": str(root / name)} for name, run in plan.items()]
+    out = run_distributed(_train, 2, runs, timeout_s=900)[0]
+    return {name: r["losses"] for name, r in zip(plan, out)}
+
+
+def test_bf16_trains_close_to_fp32(single: dict[str, list[float]], two_ranks_trained: dict[str, list[float]],
+                                   reference: dict[str, list[float]]) -> None:
     """bf16 with frozen base weights stored in bf16 (strategy none, and DDP at 2 ranks) and with FSDP2's
     mixed-precision policy at 2 ranks: the loss falls and every step stays within 5% of the fp32 curve (measured:
     at most 4% at step 1, under 1% from step 2 on)."""
-    model = "prithvi_lora_upernet"
-    single = {**_sections(tiles, model=model, precision="bf16"), "run_dir": str(tmp_path / "bf16")}
-    sharded = [{**_sections(tiles, model=model, strategy=s, precision="bf16"), "run_dir": str(tmp_path / s)}
-               for s in ("ddp", "fsdp")]
-    one = run_distributed(_train, 1, [single], timeout_s=300)[0][0]["losses"]
-    two = [r["losses"] for r in run_distributed(_train, 2, sharded, timeout_s=600)[0]]
-    for losses in (one, *two):
+    for losses in (single["bf16"], two_ranks_trained["ddp"], two_ranks_trained["fsdp"]):
         assert sum(losses[-5:]) < 0.9 * sum(losses[:5])
-        _close(losses, reference[model], 0.05)
+        _close(losses, reference["prithvi_lora_upernet"], 0.05)
 
 
-def test_batchnorm_model_trains_on_two_ranks(tiles: dict[str, str], tmp_path: Path) -> None:
+def test_batchnorm_model_trains_on_two_ranks(two_ranks_trained: dict[str, list[float]]) -> None:
     """BatchNorm (TerraTorch's default norm) sees a different batch per rank, so no exact parity: it must train."""
-    spec = dict(MODELS["prithvi_lora_upernet"])
-    spec["necks"] = [*spec["necks"][:2], {"name": "LearnedInterpolateToPyramidal", "norm": "batch"}]
-    spec.update(decoder_norm="batch", head_norm="batch")
-    run = {**_sections(tiles, model="prithvi_lora_upernet", strategy="ddp"), "run_dir": str(tmp_path / "bn")}
-    run["model"] = spec
-    losses = run_distributed(_train, 2, [run], timeout_s=300)[0][0]["losses"]
+    losses = two_ranks_trained["batchnorm"]
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
 
 

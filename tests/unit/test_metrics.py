@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -50,6 +50,20 @@ def test_regression_metrics() -> None:
     out = m.compute()
     assert out["rmse"] == pytest.approx(math.sqrt((1 + 0 + 16) / 3))
     assert out["mae"] == pytest.approx(5 / 3)
+    y, p = np.array([0.0, 2.0, 1.0]), np.array([1.0, 2.0, 5.0])
+    assert out["r2"] == pytest.approx(1 - ((p - y) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+
+def test_r2_of_a_perfect_and_of_a_mean_predictor() -> None:
+    target = torch.tensor([1.0, 2.0, 4.0, 9.0])
+    perfect, mean = RegressionMetrics(), RegressionMetrics()
+    perfect.update(target.clone(), target)
+    mean.update(torch.full((4,), float(target.mean())), target)
+    assert perfect.compute()["r2"] == pytest.approx(1.0)
+    assert mean.compute()["r2"] == pytest.approx(0.0, abs=1e-12)
+    flat = RegressionMetrics()
+    flat.update(torch.ones(3), torch.full((3,), 2.0))
+    assert math.isnan(flat.compute()["r2"])  # constant targets: R² undefined, not a division error
 
 
 def test_classification_metrics() -> None:
@@ -91,9 +105,9 @@ def _metrics_of(idx: slice) -> dict[str, float]:
     return {**seg.compute(), **reg.compute(), "loss": meter.compute()}
 
 
-def _worker(rank: int, world: int, port: int, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, rendezvous: str, queue) -> None:
+    # a file rendezvous: a TCP port picked beforehand could be taken by another xdist worker before rank 0 binds it
+    dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=world)
     try:
         # uneven split: rank 0 gets 2 samples, rank 1 gets 4
         queue.put((rank, _metrics_of(slice(0, 2) if rank == 0 else slice(2, 6))))
@@ -102,13 +116,11 @@ def _worker(rank: int, world: int, port: int, queue) -> None:
 
 
 @pytest.mark.distributed
-def test_metrics_are_exact_across_ranks() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def test_metrics_are_exact_across_ranks(tmp_path: Path) -> None:
+    rendezvous = str(tmp_path / "rendezvous")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, rendezvous, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=120) for _ in procs)
@@ -117,7 +129,7 @@ def test_metrics_are_exact_across_ranks() -> None:
         assert p.exitcode == 0
     single = _metrics_of(slice(0, 6))
     assert results[0] == results[1]
-    for key in ("mIoU", "accuracy", "rmse", "mae"):
+    for key in ("mIoU", "accuracy", "rmse", "mae", "r2"):
         assert results[0][key] == pytest.approx(single[key], rel=1e-9), key
     assert results[0]["loss"] == pytest.approx(single["loss"], rel=1e-6)  # fp32 sums in a different order
     # the naive mean of per-rank values is measurably different, so the test can tell the two apart
@@ -139,4 +151,5 @@ def test_valid_mask_leaves_padded_samples_out_of_every_metric() -> None:
     reg_target = torch.tensor([[5.0, 5.0], [1.0, float("nan")]])
     reg = RegressionMetrics()
     reg.update(torch.zeros(2, 2), reg_target, valid=reg_loss.valid_mask({"mask": reg_target, "sample_id": torch.tensor([-1, 3])}))
-    assert reg.compute() == {"rmse": 1.0, "mae": 1.0}
+    out = reg.compute()
+    assert (out["rmse"], out["mae"]) == (1.0, 1.0) and math.isnan(out["r2"])  # both valid targets are 5

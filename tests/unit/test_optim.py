@@ -63,7 +63,7 @@ def test_no_trainable_parameter_is_an_error_that_explains_the_peft_trap() -> Non
     ("cfg", "match"),
     [
         ({"name": "adam"}, r"name\n\s+Input should be 'adamw' or 'sgd'"),
-        ({"schedule": "step"}, r"schedule\n\s+Input should be 'cosine' or 'constant'"),
+        ({"schedule": "step"}, r"schedule\n\s+Input should be 'cosine', 'constant' or 'plateau'"),
         ({"lr": -1}, r"lr\n\s+Input should be greater than 0"),
         ({"grad_accum": 0}, r"grad_accum\n\s+Input should be greater than or equal to 1"),
         ({"momentun": 0.9}, r"momentun\n\s+Extra inputs are not permitted"),
