@@ -10,9 +10,11 @@ which worker runs the strip: 1 worker and N workers write the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +31,7 @@ PreprocessFn = Callable[[np.ndarray], np.ndarray]
 #: ``(first_row, values [K, n, W] float32, valid [n, W] bool)`` for final output rows, top to bottom.
 RowSink = Callable[[int, np.ndarray, np.ndarray], None]
 
-_DONE = object()
+_ROW_END = object()
 
 
 @dataclass
@@ -53,64 +55,202 @@ def invalid_mask(raw: np.ndarray, nodata: float | None) -> np.ndarray:
 
 
 class _RowReader:
-    """Reads padded window rows of a scene: rows ``[r - delta, r - delta + h_crop)``, all padded columns."""
+    """Reads window rows of a scene: rows ``[r - delta, r - delta + h_crop)`` (reflected at the scene's top and
+    bottom), all columns; :meth:`window` cuts a window out of such a row in padded column coordinates.
 
-    def __init__(self, src: object, scene: SceneInfo, plan: WindowPlan) -> None:
+    GDAL decodes a file's whole blocks for a read and, for a multi-band read, does not keep them: each window row
+    decoded its block rows again (4x the work for 128-row windows in 512-row blocks). So rows are read in chunks
+    aligned to the file's blocks and the chunks a window row still needs are kept, as long as they fit in
+    ``cache_bytes`` (a wider scene is read window row by window row: memory stays flat in scene size).
+    Only windows that reach past the scene's left or right edge are gathered through the reflection map; the others
+    are views of the row.
+    """
+
+    def __init__(self, src: object, scene: SceneInfo, plan: WindowPlan, cache_bytes: int = 128 << 20) -> None:
         self.src, self.scene, self.t = src, scene, plan.tiling
         d = self.t.delta
         we = max(scene.width, self.t.out_w)
         self.col_map = reflect_index(np.arange(-d, we + d), scene.width)
+        shapes = getattr(src, "block_shapes", None)
+        block_h = max(1, int(shapes[0][0])) if shapes else self.t.h_crop
+        self.chunk = block_h * -(-self.t.h_crop // block_h)  # >= h_crop rows, whole blocks
+        row_bytes = scene.width * len(scene.bands_read) * np.dtype(scene.dtype).itemsize
+        if 2 * self.chunk * row_bytes > cache_bytes:  # chunk >= h_crop: a window row spans at most two
+            self.chunk = 0  # too wide to keep: plain reads
+        self.chunks: dict[int, np.ndarray] = {}
 
-    def read(self, r: int) -> np.ndarray:
+    def _span(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of the scene, every column, the bands read."""
         from rasterio.windows import Window as RioWindow
 
+        bands, width = list(self.scene.bands_read), self.scene.width
+        if not self.chunk:
+            return self.src.read(bands, window=RioWindow(0, lo, width, hi - lo))  # type: ignore[attr-defined,no-any-return]
+        first, last = lo // self.chunk, (hi - 1) // self.chunk
+        for k in [k for k in self.chunks if k < first]:  # rows only go down: earlier chunks are done
+            del self.chunks[k]
+        for k in range(first, last + 1):
+            if k not in self.chunks:
+                r0 = k * self.chunk
+                n = min(self.chunk, self.scene.height - r0)
+                self.chunks[k] = self.src.read(bands, window=RioWindow(0, r0, width, n))  # type: ignore[attr-defined]
+        parts = [self.chunks[k] for k in range(first, last + 1)]
+        rows = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        base = first * self.chunk
+        return rows[:, lo - base: hi - base]
+
+    def read(self, r: int) -> np.ndarray:
         rows = reflect_index(np.arange(r - self.t.delta, r - self.t.delta + self.t.h_crop), self.scene.height)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        block = self.src.read(list(self.scene.bands_read), window=RioWindow(0, lo, self.scene.width, hi - lo))  # type: ignore[attr-defined]
-        return block[:, rows - lo][:, :, self.col_map]
+        block = self._span(lo, hi)
+        if hi - lo == len(rows) and rows[0] == lo and bool(np.all(np.diff(rows) == 1)):
+            return block  # no reflected row: the span is the window row
+        return block[:, rows - lo]
+
+    def window(self, block: np.ndarray, col: int) -> np.ndarray:
+        """Padded columns ``[col, col + w_crop)`` of a row from :meth:`read`."""
+        c0, w = col - self.t.delta, self.t.w_crop
+        if c0 >= 0 and c0 + w <= self.scene.width:
+            return block[:, :, c0: c0 + w]
+        return block[:, :, self.col_map[col: col + w]]
 
 
-def _produce(src: object, scene: SceneInfo, plan: WindowPlan, windows: tuple[Window, ...], preprocess: PreprocessFn,
-             out: queue.Queue[object], stop: threading.Event) -> None:
+def _produce(src: object | Callable[[], AbstractContextManager[object]], scene: SceneInfo, plan: WindowPlan,
+             rows: list[list[Window]], preprocess: PreprocessFn, out: queue.Queue[object],
+             stop: threading.Event, cache_bytes: int) -> None:
+    """Read, preprocess and queue the windows of ``rows`` (each row followed by ``_ROW_END``).
+
+    ``src`` is an open dataset, or a callable opening one for this thread (GDAL handles are not thread-safe).
+    """
     try:
-        reader = _RowReader(src, scene, plan)
-        t = plan.tiling
-        cur_row, block = None, None
-        for w in windows:
-            if w.row != cur_row:
-                cur_row, block = w.row, reader.read(w.row)
-            assert block is not None
-            raw = block[:, :, w.col: w.col + t.w_crop]
-            x = np.ascontiguousarray(preprocess(raw), dtype=np.float32)
-            inner = raw[:, t.delta: t.delta + t.out_h, t.delta: t.delta + t.out_w]
-            item = (w, x, invalid_mask(inner, scene.nodata))
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.5)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                return
-        out.put(_DONE)
+        with (src() if callable(src) else contextlib.nullcontext(src)) as handle:
+            reader = _RowReader(handle, scene, plan, cache_bytes)
+            t = plan.tiling
+            for row in rows:
+                block = reader.read(row[0].row)
+                for w in row:
+                    raw = reader.window(block, w.col)
+                    x = np.ascontiguousarray(preprocess(raw), dtype=np.float32)
+                    inner = raw[:, t.delta: t.delta + t.out_h, t.delta: t.delta + t.out_w]
+                    if not _put(out, (w, x, invalid_mask(inner, scene.nodata)), stop):
+                        return
+                if not _put(out, _ROW_END, stop):
+                    return
     except BaseException as e:  # handed to the consumer, which re-raises it with its traceback
-        out.put(e)
+        _put(out, e, stop)
 
 
-def _batches(q: queue.Queue[object], batch_size: int) -> Iterator[list[tuple[Window, np.ndarray, np.ndarray]]]:
+def _put(q: queue.Queue[object], item: object, stop: threading.Event) -> bool:
+    """Put unless the consumer has stopped (then False)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _window_rows(windows: tuple[Window, ...]) -> list[list[Window]]:
+    """The strip's windows grouped into consecutive rows (the plan lists them row by row)."""
+    rows: list[list[Window]] = []
+    for w in windows:
+        if not rows or rows[-1][0].row != w.row:
+            rows.append([])
+        rows[-1].append(w)
+    return rows
+
+
+def _in_order(queues: list[queue.Queue[object]], n_rows: int) -> Iterator[tuple[Window, np.ndarray, np.ndarray]]:
+    """Row ``i`` comes from reader ``i % len(queues)``: the windows in plan order, whatever the reader count."""
+    for i in range(n_rows):
+        q = queues[i % len(queues)]
+        while True:
+            item = q.get()
+            if item is _ROW_END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+
+def _batches(items: Iterator[tuple[Window, np.ndarray, np.ndarray]],
+             batch_size: int) -> Iterator[list[tuple[Window, np.ndarray, np.ndarray]]]:
     batch: list[tuple[Window, np.ndarray, np.ndarray]] = []
-    while True:
-        item = q.get()
-        if item is _DONE:
-            break
-        if isinstance(item, BaseException):
-            raise item
-        batch.append(item)  # type: ignore[arg-type]
+    for item in items:
+        batch.append(item)
         if len(batch) == batch_size:
             yield batch
             batch = []
     if batch:
         yield batch
+
+
+class _BackgroundSink:
+    """Hands final rows to ``sink`` on a writer thread, in order, so that turning blended rows into products and
+    compressing them overlaps the next forward passes (the sink gets arrays nobody else holds).
+
+    Rows in flight (queued or being written) are bounded by ``max_bytes``. A block larger than that (a wide scene:
+    ~33 MB for 224 rows of a 16k-pixel, 2-class scene) is written by the caller once the writer is idle, as without
+    the thread: handing it over would hold it and its products beside the next forward pass (+77 MB peak RSS on
+    a 16k scene), and peak memory must stay flat in scene size.
+    """
+
+    def __init__(self, sink: RowSink, max_bytes: int = 16 << 20) -> None:
+        self.sink, self.max_bytes = sink, max_bytes
+        self.items: list[tuple[int, np.ndarray, np.ndarray] | None] = []
+        self.inflight = 0  # bytes queued or being written
+        self.error: BaseException | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._work, daemon=True, name="predict-write")
+        self.thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.items:
+                    self.cond.wait()
+                item = self.items.pop(0)
+            if item is None:
+                return
+            if self.error is None:  # after an error, drain without writing so that the producer never blocks
+                try:
+                    self.sink(*item)
+                except BaseException as e:
+                    self.error = e
+            with self.cond:
+                self.inflight -= item[1].nbytes + item[2].nbytes
+                self.cond.notify_all()
+
+    def _put(self, item: tuple[int, np.ndarray, np.ndarray] | None, nbytes: int) -> None:
+        with self.cond:
+            while self.inflight and self.inflight + nbytes > self.max_bytes:
+                self.cond.wait()
+            self.inflight += nbytes
+            self.items.append(item)
+            self.cond.notify_all()
+
+    def __call__(self, row: int, values: np.ndarray, valid: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        nbytes = values.nbytes + valid.nbytes
+        if nbytes <= self.max_bytes:
+            self._put((row, values, valid), nbytes)
+            return
+        with self.cond:  # too big to hold beside the next forward: write it here, after the rows before it
+            while self.inflight:
+                self.cond.wait()
+        if self.error is not None:
+            raise self.error
+        self.sink(row, values, valid)
+
+    def close(self, discard: bool = False) -> None:
+        """Wait until every row is written and raise the writer's error (``discard``: after a failure, just stop)."""
+        if self.thread.is_alive():
+            self._put(None, 0)
+            self.thread.join()
+        if self.error is not None and not discard:
+            raise self.error
 
 
 class _Accumulator:
@@ -187,7 +327,9 @@ def _run_single(src: object, scene: SceneInfo, forward: ForwardFn, preprocess: P
 
 def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, forward: ForwardFn,
               preprocess: PreprocessFn, sink: RowSink, *, queue_windows: int = 32,
-              on_batch: Callable[[int], None] | None = None) -> StripStats:
+              on_batch: Callable[[int], None] | None = None, read_threads: int = 1,
+              open_src: Callable[[], AbstractContextManager[object]] | None = None,
+              read_cache_mb: int = 128) -> StripStats:
     """Predict one strip: every output row in ``[strip.y0, strip.y1)`` goes to ``sink`` exactly once, in order.
 
     Args:
@@ -200,6 +342,11 @@ def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, for
         sink: Receives final rows (see :data:`RowSink`).
         queue_windows: Windows read ahead of the forward pass (bounds memory: one window's input each).
         on_batch: Called with the number of windows after each forward (progress).
+        read_threads: Reader threads, each reading every ``read_threads``-th window row through its own dataset
+            handle from ``open_src`` (a fast accelerator outruns one reader; on CPU one is best: readers take the
+            forward's cores). Windows reach the model in plan order whatever the count, so outputs do not change.
+        open_src: Opens another handle of the scene (needed for ``read_threads > 1``).
+        read_cache_mb: Decoded block rows each reader keeps (see ``_RowReader``); 0 reads every window row anew.
     """
     import time
 
@@ -209,14 +356,21 @@ def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, for
         if on_batch is not None:
             on_batch(1)
         return stats
-    q: queue.Queue[object] = queue.Queue(maxsize=max(queue_windows, plan.tiling.batch_size))
+    rows = _window_rows(strip.windows)
+    n = max(1, min(read_threads if open_src is not None else 1, len(rows)))
+    size = max(queue_windows // n, plan.tiling.batch_size)
+    queues: list[queue.Queue[object]] = [queue.Queue(maxsize=size) for _ in range(n)]
     stop = threading.Event()
-    thread = threading.Thread(target=_produce, args=(src, scene, plan, strip.windows, preprocess, q, stop),
-                              daemon=True, name=f"predict-read-{scene.name}-{strip.index}")
-    thread.start()
-    acc = _Accumulator(plan, strip, sink)
+    threads = [threading.Thread(target=_produce, daemon=True, name=f"predict-read-{scene.name}-{strip.index}-{k}",
+                                args=(src if n == 1 else open_src, scene, plan, rows[k::n], preprocess,
+                                      queues[k], stop, read_cache_mb << 20))
+               for k in range(n)]
+    for th in threads:
+        th.start()
+    writer = _BackgroundSink(sink)
+    acc = _Accumulator(plan, strip, writer)
     try:
-        for batch in _batches(q, plan.tiling.batch_size):
+        for batch in _batches(_in_order(queues, len(rows)), plan.tiling.batch_size):
             x = np.stack([b[1] for b in batch])
             t0 = time.perf_counter()
             y = forward(x)
@@ -230,7 +384,10 @@ def run_strip(src: object, scene: SceneInfo, plan: WindowPlan, strip: Strip, for
             if on_batch is not None:
                 on_batch(len(batch))
         acc.close()
+        writer.close()
     finally:
         stop.set()
-        thread.join()
+        writer.close(discard=True)
+        for th in threads:
+            th.join()
     return stats

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["confusion_metrics", "evaluate_scenes"]
+__all__ = ["check_references", "confusion_metrics", "evaluate_scenes"]
 
 
 class EvaluateError(ValueError):
@@ -56,17 +56,54 @@ def _check_grid(pred: Any, ref: Any) -> None:
                             f"(gdalwarp -te/-tr/-t_srs from the scene).")
 
 
+def check_references(scenes: Sequence[str], refs: Sequence[str],
+                     gdal_options: dict[str, str] | None = None) -> list[str]:
+    """Before any prediction: each reference must open and lie on its scene's grid (size, CRS, transform).
+
+    Returns one line per reference (``scene -> reference: H x W, CRS``). Raises :class:`EvaluateError` listing
+    every reference that cannot be compared, so that hours of prediction are not spent first.
+    """
+    import rasterio
+
+    from encdec.predict.rasters import gdal_env
+    from encdec.predict.scenes import SceneError, open_scene
+
+    lines: list[str] = []
+    bad: list[str] = []
+    for scene, ref in zip(scenes, refs, strict=True):
+        try:
+            with gdal_env(gdal_options):
+                info = open_scene(scene, require_crs=False)
+                with rasterio.open(ref) as fr:
+                    grid = ((fr.height, fr.width), fr.crs, fr.transform)
+        except (SceneError, rasterio.errors.RasterioIOError) as e:
+            bad.append(f"{scene} / {ref}: {e}")
+            continue
+        want = ((info.height, info.width), info.crs, info.transform)
+        if grid != want:
+            bad.append(f"reference {ref} ({grid[0][0]}x{grid[0][1]}, {grid[1]}) is not on the grid of scene {scene} "
+                       f"({want[0][0]}x{want[0][1]}, {want[1]}{'' if grid[2] == want[2] else ', another transform'})")
+            continue
+        lines.append(f"{scene} -> {ref}: {grid[0][0]}x{grid[0][1]}, {grid[1]}")
+    if bad:
+        raise EvaluateError("--references: " + "; ".join(bad) + ". Fix: give one reference per scene, in the same "
+                            "order, warped onto the scene's grid (gdalwarp -te/-tr/-t_srs from the scene).")
+    return lines
+
+
 def evaluate_scenes(preds: Sequence[str], refs: Sequence[str], out_dir: Path, *, task: str, num_classes: int = 2,
                     class_names: Sequence[str] | None = None, ignore_index: int | None = None,
                     block_rows: int = 512) -> dict[str, Any]:
     """Compare predicted rasters with references (same grid), write metrics files, return the metrics."""
     import rasterio
+    import torch
     from rasterio.windows import Window
 
+    from encdec.train.metrics import RegressionMetrics, count_confusion
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    cm = np.zeros((num_classes, num_classes), np.int64)
-    n = 0
-    s_err2 = s_abs = s_y = s_y2 = 0.0
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    reg = RegressionMetrics()  # the engine's sums: RMSE, MAE and R² exactly as validation and --split compute them
     for p, r in zip(preds, refs, strict=True):
         with rasterio.open(p) as fp, rasterio.open(r) as fr:
             _check_grid(fp, fr)
@@ -79,25 +116,19 @@ def evaluate_scenes(preds: Sequence[str], refs: Sequence[str], out_dir: Path, *,
                         ok &= b != fr.nodata
                     if ignore_index is not None:
                         ok &= b != ignore_index
-                    cm += np.bincount(b[ok].astype(np.int64) * num_classes + a[ok],
-                                      minlength=num_classes**2).reshape(num_classes, num_classes)
+                    cm += count_confusion(torch.from_numpy(b[ok].astype(np.int64)),
+                                          torch.from_numpy(a[ok].astype(np.int64)), num_classes)
                 else:
                     ok = np.isfinite(a) & np.isfinite(b)
                     if fr.nodata is not None:
                         ok &= b != fr.nodata
-                    a64, b64 = a[ok].astype(np.float64), b[ok].astype(np.float64)
-                    n += a64.size
-                    s_err2 += float(((a64 - b64) ** 2).sum())
-                    s_abs += float(np.abs(a64 - b64).sum())
-                    s_y += float(b64.sum())
-                    s_y2 += float((b64**2).sum())
+                    reg.update(torch.from_numpy(a[ok].astype(np.float64)), torch.from_numpy(b[ok].astype(np.float64)))
     if task == "segmentation":
-        metrics = confusion_metrics(cm, class_names)
+        metrics = confusion_metrics(cm.numpy(), class_names)
         _write_segmentation(out_dir, metrics)
     else:
-        var = s_y2 - s_y**2 / n if n else float("nan")
-        metrics = {"rmse": _f(np.sqrt(s_err2 / n)) if n else None, "mae": _f(s_abs / n) if n else None,
-                   "r2": _f(1 - s_err2 / var) if n and var > 0 else None, "pixels": n}
+        metrics = {k: _f(v) for k, v in reg.compute().items()}
+        metrics["pixels"] = int(reg.totals[2])
         with (out_dir / "metrics.csv").open("w", newline="") as f:
             csv.writer(f).writerows([["metric", "value"], *[[k, v] for k, v in metrics.items()]])
     metrics["scenes"] = list(preds)

@@ -22,7 +22,7 @@ import numpy as np
 from encdec.predict.scenes import SceneInfo
 from encdec.predict.windows import Strip
 
-__all__ = ["OutputSpec", "StripWriter", "assemble_scene", "outputs_of", "scene_done", "strip_done"]
+__all__ = ["OutputSpec", "StripWriter", "assemble_scene", "outputs_of", "remove_empty_parts", "scene_done", "strip_done"]
 
 CLASS_NODATA = 255
 PROB_UINT8_SCALE = 254  # uint8 probabilities are round(p * 254); 255 is nodata
@@ -43,6 +43,11 @@ class OutputSpec:
     class_names: tuple[str, ...] | None = None
     probabilities: Literal["uint8", "float16"] | None = None
     quicklook: bool = True
+
+    def names(self, k: int) -> tuple[str, ...]:
+        """The ``k`` class names: the model's (``model.yaml``'s ``class_names``), else ``class 0``, ``class 1``..."""
+        given = tuple(self.class_names or ())
+        return given[:k] + tuple(f"class {i}" for i in range(len(given), k))
 
     def products(self, k: int) -> dict[str, tuple[str, int, float, str]]:
         """``name -> (dtype, bands, nodata, overview resampling)`` for a model with ``k`` output channels."""
@@ -128,6 +133,7 @@ class StripWriter:
                     f"{self._path(name)}.tmp", "w", driver="GTiff", width=self.scene.width,
                     height=self.strip.y1 - self.strip.y0, count=bands, dtype=dtype, nodata=nodata,
                     compress="deflate", zlevel=1, tiled=False)
+                self.files[name].update_tags(channels=str(values.shape[0]))  # the model's K, for the class names
             self.files[name].write(arr, window=Window(0, row - self.strip.y0, arr.shape[-1], arr.shape[-2]))
 
     def close(self, ok: bool = True) -> None:
@@ -156,6 +162,7 @@ def assemble_scene(out_dir: Path, scene: SceneInfo, strips: tuple[Strip, ...], s
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(parts[0]) as p0:
             profile = {"dtype": p0.dtypes[0], "count": p0.count, "nodata": p0.nodata}
+            k = int(p0.tags().get("channels", p0.count))
         resampling = spec.products(profile["count"])[name][3]
         tmp = out_dir / f".{scene.name}.{name}.assemble.tif"
         with rasterio.open(tmp, "w", driver="GTiff", width=scene.width, height=scene.height, crs=scene.crs,
@@ -168,8 +175,10 @@ def assemble_scene(out_dir: Path, scene: SceneInfo, strips: tuple[Strip, ...], s
                         dst.write(src.read(window=Window(0, r, scene.width, n)),
                                   window=Window(0, strip.y0 + r, scene.width, n))
             dst.update_tags(**tags)
-            if name == "prob" and spec.class_names:
-                for i, cname in enumerate(spec.class_names[: dst.count], start=1):
+            if spec.task == "segmentation":
+                dst.update_tags(class_names=json.dumps(list(spec.names(k))))
+            if name == "prob":
+                for i, cname in enumerate(spec.names(dst.count), start=1):
                     dst.set_band_description(i, f"p({cname})")
             elif name == "pred":
                 dst.set_band_description(1, "class" if spec.task == "segmentation" else "value")
@@ -183,4 +192,14 @@ def assemble_scene(out_dir: Path, scene: SceneInfo, strips: tuple[Strip, ...], s
             write_quicklook(final_tmp, finals["png"], spec, title=scene.name)
         os.replace(final_tmp, finals[name])
     shutil.rmtree(pdir, ignore_errors=True)
+    remove_empty_parts(out_dir)
     return finals
+
+
+def remove_empty_parts(out_dir: Path) -> None:
+    """Remove ``OUT/.parts`` once no scene has parts left (the last scene done); a scene still being written, or
+    a concurrent writer that has just created its folder, keeps it (``rmdir`` only removes an empty folder)."""
+    try:
+        (out_dir / ".parts").rmdir()
+    except OSError:
+        pass

@@ -3,6 +3,7 @@ opening a GIS. Read from the COG's overviews: never the full-resolution scene.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,15 +30,16 @@ def write_quicklook(cog: Path, png: Path, spec: OutputSpec, *, title: str, max_s
         scale = max(1.0, max(src.height, src.width) / max_side)
         shape = (max(1, round(src.height / scale)), max(1, round(src.width / scale)))
         data = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+        tagged = json.loads(src.tags().get("class_names", "[]"))  # what assemble_scene wrote: the output's names
     fig, ax = plt.subplots(figsize=(7, 7 * shape[0] / shape[1] + 0.6), dpi=100)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     if spec.task == "segmentation":
-        k = len(spec.class_names) if spec.class_names else int(data[data != 255].max(initial=0)) + 1
+        k = max(len(tagged), int(data[data != 255].max(initial=0)) + 1)
         colours = plt.get_cmap("tab20" if k > 10 else "tab10")(np.arange(k) % (20 if k > 10 else 10))
         img = np.ma.masked_equal(data, 255)
         ax.imshow(img, cmap=ListedColormap(colours), vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
-        names = spec.class_names or tuple(f"class {i}" for i in range(k))
+        names = spec.names(k) if not tagged else tuple(tagged) + spec.names(k)[len(tagged):]
         handles = [Patch(color=colours[i], label=f"{i}: {names[i]}") for i in range(k)]
         handles.append(Patch(facecolor="white", edgecolor="grey", label="nodata"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -53,9 +53,12 @@ def _read_manifest(path: Path) -> list[str]:
             entries = [row[col].strip() for row in reader if row.get(col, "").strip()]
     else:
         entries = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    from encdec.predict.rasters import FRAME_SEPARATOR, frames_of
+
     out = []
-    for e in entries:
-        out.append(e if _is_remote(e) or os.path.isabs(e) else str(path.parent / e))
+    for e in entries:  # "a.tif|b.tif": one file per date, each relative to the manifest
+        out.append(FRAME_SEPARATOR.join(f if _is_remote(f) or os.path.isabs(f) else str(path.parent / f)
+                                        for f in frames_of(e)))
     return out
 
 
@@ -65,15 +68,24 @@ def discover_scenes(args: Sequence[str | os.PathLike[str]]) -> list[str]:
     Args:
         args: Files, folders (their ``*.tif``/``*.tiff``, not recursive), globs, manifests (``.txt``/``.lst``: one
             path a line; ``.csv``: a ``scene``/``image``/``path`` column), or remote paths (``/vsicurl/``,
-            ``/vsis3/``, ``s3://``, ``http(s)://``).
+            ``/vsis3/``, ``s3://``, ``http(s)://``); ``a.tif|b.tif`` is one multi-temporal scene, one file per
+            date (as in training manifests; in manifests too).
 
     Raises:
         SceneError: an argument matches nothing; the message lists every such argument.
     """
+    from encdec.predict.rasters import FRAME_SEPARATOR, frames_of
+
     found: list[str] = []
     missing: list[str] = []
     for raw in args:
         arg = str(raw)
+        if FRAME_SEPARATOR in arg:  # a multi-temporal scene, one file per date: each must exist (or be remote)
+            frames = frames_of(arg)
+            absent = [f for f in frames if not (_is_remote(f) or Path(f).is_file())]
+            (missing.extend(f"{f} (a frame of {arg})" for f in absent) if absent
+             else found.append(FRAME_SEPARATOR.join(gdal_path(f) for f in frames)))
+            continue
         if _is_remote(arg):
             found.append(gdal_path(arg))
             continue
@@ -98,8 +110,8 @@ def discover_scenes(args: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 
 def scene_name(path: str) -> str:
-    """Output stem of a scene: its file name without the raster suffix."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
+    """Output stem of a scene: its (first date's) file name without the raster suffix."""
+    name = path.split("|", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     for suf in RASTER_SUFFIXES:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
@@ -121,6 +133,7 @@ class SceneInfo:
     nodata: float | None
     band_names: tuple[str | None, ...]
     band_index: tuple[int, ...] = field(default=())  # 1-based bands to read, in model order
+    frames: int = 1  # files (dates) the scene is read from; their bands follow each other
 
     @property
     def bands_read(self) -> tuple[int, ...]:
@@ -166,14 +179,31 @@ def open_scene(path: str, *, bands: Sequence[int | str] | None = None, expect_ba
     """
     import rasterio
 
+    from encdec.predict.rasters import frames_of
+
+    frames = frames_of(path)
     try:
-        with rasterio.open(path) as src:
-            names = tuple(src.descriptions)
-            info = SceneInfo(path, scene_name(path), src.height, src.width, src.count, src.dtypes[0], src.crs,
-                             src.transform, src.nodata, names)
+        heads = []
+        for f in frames:
+            with rasterio.open(f) as src:
+                heads.append(SceneInfo(f, scene_name(f), src.height, src.width, src.count, src.dtypes[0], src.crs,
+                                       src.transform, src.nodata, tuple(src.descriptions)))
     except rasterio.errors.RasterioIOError as e:
         raise SceneError(f"{path}: cannot be read as a raster ({e}). Fix: check the path, its permissions, and "
                          f"for remote paths the network/credentials (AWS_* variables for /vsis3/).") from e
+    first = heads[0]
+    for h in heads[1:]:
+        grid = [("size", (h.height, h.width), (first.height, first.width)), ("dtype", h.dtype, first.dtype),
+                ("CRS", h.crs, first.crs), ("transform", h.transform, first.transform),
+                ("nodata", h.nodata, first.nodata)]
+        for what, got, want in grid:
+            if got != want and not (what == "nodata" and got != got and want != want):  # NaN == NaN here
+                raise SceneError(f"{h.path}: its {what} {got} differs from the scene's first date {first.path} "
+                                 f"({want}); the dates of a multi-temporal scene must share one grid. Fix: warp "
+                                 f"them onto one grid (gdalwarp -te/-tr/-t_srs of the first).")
+    names = tuple(n for h in heads for n in h.band_names)
+    info = SceneInfo(path, first.name, first.height, first.width, sum(h.count for h in heads), first.dtype,
+                     first.crs, first.transform, first.nodata, names, frames=len(heads))
     if require_crs and info.crs is None:
         raise SceneError(f"{path}: has no CRS, so its output could not be georeferenced. Fix: assign one "
                          f"(gdal_edit.py -a_srs EPSG:XXXX {path}) or pass require_crs=False.")

@@ -30,15 +30,14 @@ def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def write_export(root: Path) -> Path:
     """An export folder as `encdec-launch export` writes it (model.yaml + model.safetensors), seeded weights."""
     import torch
     from safetensors.torch import save_file
 
     from encdec.models import build_model
 
-    root = tmp_path_factory.mktemp("export")
+    root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     net = build_model("segmentation", **BLOCK)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "model.safetensors"))
@@ -46,6 +45,11 @@ def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     doc = {"task": "segmentation", "model": BLOCK, "data": {"bands": BANDS, "dataset_bands": BANDS, "img_size": 32}}
     (root / "model.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
     return root
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_export(tmp_path_factory.mktemp("export"))
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +107,23 @@ def test_predict_then_evaluate(export_dir: Path, scene: Path, tmp_path: Path) ->
     assert abs(metrics["accuracy"] - float((pred == truth[cls != 255]).mean())) < 1e-9
     assert (out_dir / "confusion_matrix.png").exists() and (out_dir / "metrics.csv").exists()
     assert "mIoU" in ev.stdout
+
+
+def test_evaluate_checks_the_references_before_predicting_and_dry_runs(export_dir: Path, scene: Path,
+                                                                        tmp_path: Path) -> None:
+    from tests.unit._predict_models import write_scene
+
+    wrong = write_scene(tmp_path / "wrong.tif", np.zeros((1, 70, 80), np.uint8))  # 10 columns short
+    out_dir = tmp_path / "out"
+    bad = _cli("evaluate", str(export_dir), "--scenes", str(scene), "--references", str(wrong), "-o", str(out_dir),
+               check=False)
+    assert bad.returncode != 0 and "wrong.tif (70x80" in bad.stderr and "scene_a.tif (70x90" in bad.stderr
+    assert "Fix:" in bad.stderr and not (out_dir / "scene_a.tif").exists()  # refused before predicting
+    right = write_scene(tmp_path / "right.tif", np.zeros((1, 70, 90), np.uint8))
+    dry = _cli("evaluate", str(export_dir), "--scenes", str(scene), "--references", str(right), "-o", str(out_dir),
+               "--dry-run")
+    assert "references on their scenes' grids" in dry.stdout and "right.tif: 70x90" in dry.stdout
+    assert "to do" in dry.stdout and not (out_dir / "scene_a.tif").exists() and not (out_dir / "metrics.json").exists()
 
 
 def test_bad_model_argument_is_a_clear_error(scene: Path, tmp_path: Path) -> None:

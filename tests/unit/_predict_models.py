@@ -63,7 +63,8 @@ class SeededFCN(nn.Module):
         return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
 
 
-def tiled_logits(model: nn.Module, path: Path, tiled: dict, *, strip_rows: int = 2048) -> np.ndarray:
+def tiled_logits(model: nn.Module, path: Path, tiled: dict, *, strip_rows: int = 2048,
+                 read_threads: int = 1, read_cache_mb: int = 128) -> np.ndarray:
     """Our tiled predictor's blended outputs [K, H, W] for a scene (all strips, through the engine's sink)."""
     import rasterio
 
@@ -84,13 +85,18 @@ def tiled_logits(model: nn.Module, path: Path, tiled: dict, *, strip_rows: int =
 
     with rasterio.open(path) as src:
         for strip in plan.strips:
-            run_strip(src, scene, plan, strip, forward, make_preprocess(None, None, scene.nodata), sink)
+            run_strip(src, scene, plan, strip, forward, make_preprocess(None, None, scene.nodata), sink,
+                      queue_windows=4, read_threads=read_threads, open_src=lambda: rasterio.open(path),
+                      read_cache_mb=read_cache_mb)
     assert sorted(rows) == list(range(scene.height))
     return np.stack([rows[r] for r in range(scene.height)], axis=1)
 
 
-class DiesOnce(TinyFCN):
-    """Kills its worker process (os._exit, as the OOM killer would) on the 3rd forward, once per marker file."""
+class DiesOnceMixin(nn.Module):
+    """Kills its worker process (os._exit, as the OOM killer would) on forward number ``die_at``, once per marker
+    file; put it before a model class: ``class X(DiesOnceMixin, Model)``."""
+
+    die_at = 3
 
     def __init__(self, marker: str) -> None:
         super().__init__()
@@ -99,7 +105,11 @@ class DiesOnce(TinyFCN):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        if self.calls == 3 and not os.path.exists(self.marker):
+        if self.calls == self.die_at and not os.path.exists(self.marker):
             Path(self.marker).write_text(str(os.getpid()))
             os._exit(1)
-        return super().forward(x)
+        return super().forward(x)  # type: ignore[no-any-return]
+
+
+class DiesOnce(DiesOnceMixin, TinyFCN):
+    """:class:`TinyFCN` that kills its worker on the 3rd forward, once per marker file."""

@@ -36,6 +36,90 @@ def test_tiled_equals_full_forward_of_reflect_padded_scene(tmp_path: Path, strip
     assert np.abs(got - want).max() <= 1e-5
 
 
+@pytest.mark.parametrize(("read_threads", "read_cache_mb", "blocksize"),
+                         [(2, 128, 16), (3, 128, 16), (1, 0, 16), (2, 0, None), (1, 128, 48)])
+def test_readers_and_block_cache_change_no_output_bit(tmp_path: Path, read_threads: int, read_cache_mb: int,
+                                                      blocksize: int | None) -> None:
+    # several readers (each its own handle, every n-th window row) must feed the model in plan order; rows served
+    # from kept block chunks (16- or 48-row blocks, 32-row windows: spans over two chunks) equal plain reads
+    data = random_scene(3, 150, 77)
+    path = write_scene(tmp_path / "s.tif", data, blocksize=blocksize)
+    tiled = {"crop": 32, "stride": 24, "delta": 4, "batch_size": 5}
+    one = tiled_logits(TinyFCN().eval(), path, tiled, strip_rows=60, read_cache_mb=0)
+    many = tiled_logits(TinyFCN().eval(), path, tiled, strip_rows=60, read_threads=read_threads,
+                        read_cache_mb=read_cache_mb)
+    assert np.array_equal(one, many)
+    assert np.abs(one - _full_forward(TinyFCN().eval(), data, 4)).max() <= 1e-5
+
+
+def test_a_failing_reader_thread_raises_its_error_instead_of_hanging(tmp_path: Path) -> None:
+    import rasterio
+
+    from encdec.predict.engine import run_strip
+    from encdec.predict.runner import make_forward, make_preprocess
+    from encdec.predict.scenes import open_scene
+
+    path = write_scene(tmp_path / "s.tif", random_scene(3, 150, 77))
+    scene = open_scene(str(path))
+    plan = plan_windows(150, 77, TiledParams(crop=32, stride=24, delta=4, batch_size=2))
+    opened = []
+
+    def open_src() -> object:
+        opened.append(1)
+        if len(opened) == 2:  # the second reader's handle
+            raise OSError("disk went away")
+        return rasterio.open(path)
+
+    with rasterio.open(path) as src, pytest.raises(OSError, match="disk went away"):
+        run_strip(src, scene, plan, plan.strips[0], make_forward(TinyFCN(), device="cpu"),
+                  make_preprocess(None, None, None), lambda *a: None, queue_windows=2, read_threads=3,
+                  open_src=open_src)
+
+
+def test_a_failing_writer_raises_its_error_in_the_caller(tmp_path: Path) -> None:
+    import rasterio
+
+    from encdec.predict.engine import run_strip
+    from encdec.predict.runner import make_forward, make_preprocess
+    from encdec.predict.scenes import open_scene
+
+    path = write_scene(tmp_path / "s.tif", random_scene(3, 150, 77))
+    scene = open_scene(str(path))
+    plan = plan_windows(150, 77, TiledParams(crop=32, stride=24, delta=4, batch_size=2))
+    calls = []
+
+    def sink(row: int, values: np.ndarray, valid: np.ndarray) -> None:
+        calls.append(row)
+        if len(calls) == 2:
+            raise OSError("no space left on device")
+
+    with rasterio.open(path) as src, pytest.raises(OSError, match="no space left"):
+        run_strip(src, scene, plan, plan.strips[0], make_forward(TinyFCN(), device="cpu"),
+                  make_preprocess(None, None, None), sink)
+    assert len(calls) == 2  # nothing written after the failure
+
+
+def test_writer_keeps_row_order_when_wide_blocks_are_written_by_the_caller() -> None:
+    import threading
+    import time
+
+    from encdec.predict.engine import _BackgroundSink
+
+    got: list[tuple[int, str]] = []
+
+    def sink(row: int, values: np.ndarray, valid: np.ndarray) -> None:
+        time.sleep(0.01)  # a slow writer: small blocks queue up behind it
+        got.append((row, threading.current_thread().name))
+
+    writer = _BackgroundSink(sink, max_bytes=1000)
+    sizes = [10, 10, 400, 10, 10, 10]  # floats per block: 400 (1.6 kB) is over the bound
+    for row, n in enumerate(sizes):
+        writer(row, np.zeros((1, 1, n), np.float32), np.ones((1, n), bool))
+    writer.close()
+    assert [r for r, _ in got] == list(range(len(sizes)))
+    assert got[2][1] == threading.current_thread().name and got[0][1] == got[5][1] == "predict-write"
+
+
 def test_plan_has_no_gaps_and_strips_partition_rows() -> None:
     for h, w in [(50, 77), (45, 58), (45, 61), (17, 13), (5, 3), (1, 1), (300, 40), (9, 40)]:
         plan = plan_windows(h, w, TiledParams(crop=16, stride=12, delta=2), strip_rows=20)
