@@ -25,7 +25,7 @@ def _files(data: dict, split: str) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["sen1floods11", "firescars"])
+@pytest.mark.parametrize("name", ["sen1floods11", "firescars", "multicrop"])
 def test_generic_data_module_converts_to_the_same_samples(name):
     args = META["layouts"][name]["datamodule_args"]
     root = FIX / name
@@ -35,6 +35,8 @@ def test_generic_data_module_converts_to_the_same_samples(name):
     assert unmapped == [] and set(rest) == {"num_classes"}
     assert data["bands"] == args["output_bands"] and data["dataset_bands"] == args["dataset_bands"]
     assert data.get("constant_scale", 1.0) == args.get("constant_scale", 1.0)
+    # expand_temporal_dimension: 18 bands in the files / 6 dataset_bands = 3 time steps, read from the files
+    assert data.get("num_frames", 1) == (3 if args.get("expand_temporal_dimension") else 1)
     for split in ("train", "val"):
         assert _files(data, split) == [Path(f).name for f in META["layouts"][name][f"{split}_files"]]
 
@@ -56,7 +58,11 @@ def test_sen1floods11_data_module_converts_to_its_fixed_layout(tmp_path):
     assert data["constant_scale"] == 0.0001 and data["no_data_replace"] == 0 and data["no_label_replace"] == -1
     assert data["bands"] == bands and len(data["dataset_bands"]) == 13
     assert data["means"][0] == pytest.approx(0.1412956) and data["stds"][-1] == pytest.approx(0.07659938)
-    assert rest == {"batch_size": 16} and unmapped and "use_metadata" in unmapped[0]
+    assert rest == {"batch_size": 16} and unmapped == [] and data["location_coords"] is True  # the model takes no dates
+    _, unmapped, _ = convert_layout({"class_path": "Sen1Floods11NonGeoDataModule",
+                                     "init_args": {"data_root": str(tmp_path), "use_metadata": True}},
+                                    model={"backbone": "prithvi_eo_v2_300_tl"})
+    assert len(unmapped) == 1 and "use_metadata: the acquisition dates (from Sen1Floods11_Metadata.geojson)" in unmapped[0]
     for split in ("train", "val"):
         assert _files(data, split) == [Path(f).name for f in META["layouts"]["sen1floods11"][f"{split}_files"]]
     assert data["test"]["split_file"].endswith("flood_test_data.txt")

@@ -24,9 +24,11 @@ from typing import Any
 import yaml
 
 from encdec.config import ClusterSection
+from encdec.launcher.commands.convert_data_layout import convert_layout, native_size
+from encdec.launcher.commands.convert_transforms import convert_transforms
 from encdec.launcher.recipe.errors import LaunchError
 
-__all__ = ["convert", "convert_command"]
+__all__ = ["convert", "convert_command", "placeholders"]
 
 TERRATORCH_TASKS = {
     "SemanticSegmentationTask": "segmentation",
@@ -39,23 +41,57 @@ LIGHTNING_PRECISIONS = {"16-mixed": "fp16", "16": "fp16", "bf16-mixed": "bf16", 
 LIGHTNING_STRATEGIES = {"ddp": ("ddp", None), "ddp_find_unused_parameters_true": ("ddp", None), "fsdp": ("fsdp", None),
                         "deepspeed_stage_2": ("deepspeed", 2), "deepspeed_stage_3": ("deepspeed", 3), "auto": (None, None)}
 # data-module keys that configure only TerraTorch's own plotting/loading and have no meaning here
-IGNORED_DATA = {"num_workers", "rgb_indices", "constant_scale", "plot_on_val", "drop_last", "pin_memory"}
+IGNORED_DATA = {"num_workers", "rgb_indices", "plot_on_val", "drop_last", "pin_memory", "prefetch_factor",
+                "train_shuffle"}
 
 
 def _short(name: str) -> str:
     return str(name).rsplit(".", 1)[-1]
 
 
-def _grep_suffix(pattern: str | None) -> str | None:
-    """``*_S2Hand.tif`` -> ``_S2Hand.tif`` (only a leading ``*`` is expressible as a suffix)."""
-    if not pattern:
-        return None
-    m = re.fullmatch(r"\*([^*?\[\]]+)", pattern)
-    return m.group(1) if m else None
+PLACEHOLDER = re.compile(r"<[^<>]+>")
+# placeholders there configure what is listed as not mapped (loggers, callbacks): named, never to be filled
+IGNORED_PLACEHOLDER_KEYS = ("trainer.logger", "trainer.callbacks")
+# PrithviModelFactory's own arguments -> EncoderDecoderFactory's (TerraTorch 1.2.11 prithvi_model_factory.py)
+PRITHVI_FACTORY_ARGS = {"bands": "backbone_bands", "pretrained": "backbone_pretrained",
+                        "num_frames": "backbone_num_frames"}
 
 
-def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """A TerraTorch LightningCLI config -> (recipe data, list of what did not map and why)."""
+def placeholders(config: Any, path: str = "") -> list[tuple[str, str]]:
+    """Every ``<...>`` placeholder left in a config, as ``(dotted key, value)``, in file order."""
+    found: list[tuple[str, str]] = []
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            found += placeholders(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(config, list):
+        for i, value in enumerate(config):
+            found += placeholders(value, f"{path}[{i}]")
+    elif isinstance(config, str) and PLACEHOLDER.search(config):
+        found.append((path, config))
+    return found
+
+
+def _prithvi_factory_args(model: dict[str, Any], unmapped: list[str]) -> dict[str, Any]:
+    """PrithviModelFactory ``model_args`` -> EncoderDecoderFactory's, as that factory forwards them (no necks)."""
+    out = {PRITHVI_FACTORY_ARGS.get(k, k): v for k, v in model.items() if k != "in_channels"}
+    in_channels = model.get("in_channels")
+    bands = model.get("bands") or []
+    if in_channels is not None and int(in_channels) != len(bands):
+        unmapped.append(f"model.init_args.model_args.in_channels={in_channels} but bands has {len(bands)}: "
+                        "PrithviModelFactory then builds a patch embedding of another width than the bands read")
+    return out
+
+
+def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A TerraTorch LightningCLI config -> ``(recipe, notes, unmapped)``.
+
+    ``notes`` lists what did not map and why where that leaves the samples as they are (loggers, callbacks, loader
+    settings, ...); ``unmapped`` what would change the samples or their values (the command refuses it unless
+    ``--allow-unmapped``).
+    """
+    from encdec.launcher.commands.convert_trainer import split_trainer_side
+
+    config, trainer_side = split_trainer_side(config)  # callbacks, loggers, ReduceLROnPlateau
     notes: list[str] = []
     trainer = dict(config.get("trainer") or {})
     model_cfg = dict(config.get("model") or {})
@@ -65,12 +101,16 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if task is None:
         raise LaunchError(f"model.class_path {model_cfg.get('class_path')!r} is not a TerraTorch task this converter "
                           f"knows ({', '.join(TERRATORCH_TASKS)})")
-    factory = margs.pop("model_factory", "EncoderDecoderFactory")
-    if _short(factory) != "EncoderDecoderFactory":
-        notes.append(f"model_factory {factory!r}: only EncoderDecoderFactory models map (model_args copied as is)")
+    factory = _short(margs.pop("model_factory", "EncoderDecoderFactory"))
     model = dict(margs.pop("model_args", None) or {})
     if not model:
         raise LaunchError("model.init_args.model_args is missing: nothing to build")
+    unmapped: list[str] = []
+    if factory == "PrithviModelFactory":
+        model = _prithvi_factory_args(model, unmapped)
+    elif factory != "EncoderDecoderFactory":
+        unmapped.append(f"model.init_args.model_factory {factory!r}: only EncoderDecoderFactory and "
+                        "PrithviModelFactory models map")
 
     recipe: dict[str, Any] = {"task": task, "run": {"name": "terratorch"}, "model": model}
     if "seed_everything" in config and isinstance(config["seed_everything"], int):
@@ -96,8 +136,9 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
     for key in sorted(margs):
         notes.append(f"model.init_args.{key}: TerraTorch task option without an equivalent")
 
-    data, data_notes = _convert_data(config.get("data") or {}, model)
+    data, data_notes, data_unmapped = _convert_data(config.get("data") or {}, model)
     notes += data_notes
+    unmapped += data_unmapped
     recipe["data"] = data
 
     optim, optim_notes = _convert_optim(config.get("optimizer"), config.get("lr_scheduler"))
@@ -156,67 +197,57 @@ def convert(config: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
                                      * ClusterSection.written_or_default(cluster, "workers_per_node"))
     for key in sorted(trainer):
         notes.append(f"trainer.{key}: Lightning option without an equivalent (callbacks, loggers, ...)")
-    return recipe, notes
+    trainer_side.apply(recipe, notes)
+    return recipe, notes, unmapped
 
 
-def _convert_data(data_cfg: Mapping[str, Any], model: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    from encdec.launcher.commands.convert_data_layout import convert_layout
-
-    notes: list[str] = []
-    data, unmapped, args = convert_layout(data_cfg)  # generic and Sen1Floods11 data modules: layouts mapped exactly
+def _convert_data(data_cfg: Mapping[str, Any], model: dict[str, Any]
+                  ) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The data module -> ``(data, notes, unmapped)``; ``data`` holds ``_batch_size`` (per device) for the caller."""
+    data, unmapped, args = convert_layout(data_cfg, model)
+    augment, crop, notes, transform_unmapped = convert_transforms(args)
+    unmapped += transform_unmapped
     if data:
-        notes += [f"NOT MAPPED (changes the samples or their values): {u}" for u in unmapped]
-        img = args.pop("img_size", None) or model.get("backbone_img_size")
-        if img:
-            data["img_size"] = int(img)
-        if args.get("batch_size"):
-            data["_batch_size"] = args.pop("batch_size")
-        for key in sorted(args):
-            why = "TerraTorch loader setting" if key in IGNORED_DATA else "no equivalent"
-            notes.append(f"data.init_args.{key}: {why}")
-        return data, notes
-    args = dict(data_cfg.get("init_args") or {})
-    bands = args.pop("output_bands", None) or args.pop("dataset_bands", None) or model.get("backbone_bands")
-    args.pop("dataset_bands", None)
-    if bands:
-        data["bands"] = list(bands)
-    for key in ("means", "stds"):
-        if args.get(key) is not None:
-            data[key] = list(args.pop(key))
-    img = args.pop("img_size", None) or model.get("backbone_img_size")
-    if img:
-        data["img_size"] = int(img)
+        if augment:
+            data["augment"] = augment
+        size = args.pop("img_size", None) or crop or native_size(data)
+        if size is None and model.get("backbone_img_size"):
+            size = model["backbone_img_size"]
+            notes.append(f"data.img_size={size} from model.backbone_img_size: the files were not readable from here; "
+                         "TerraTorch feeds them whole, so set it to their size")
+        if size:
+            data["img_size"] = int(size)
+        _match_backbone_bands(model, data, unmapped)
+        want = model.get("backbone_num_frames")
+        frames = int(data["num_frames"]) if "num_frames" in data else 1  # the recipe dict being built
+        if want is not None and int(want) != frames:
+            unmapped.append(f"model.backbone_num_frames={want} but the data module gives {frames} time step(s) per "
+                            "sample (data.num_frames)")
     if args.get("batch_size"):
         data["_batch_size"] = args.pop("batch_size")
-    image_suffix = _grep_suffix(args.pop("img_grep", None))
-    mask_suffix = _grep_suffix(args.pop("label_grep", None))
-    for split in ("train", "val", "test"):
-        root = args.pop(f"{split}_data_root", None)
-        label_root = args.pop(f"{split}_label_data_root", None)
-        args.pop(f"{split}_split", None)
-        if not root:
-            continue
-        src: dict[str, Any] = {"tiles": str(root)}
-        if image_suffix:
-            src["image_suffix"] = image_suffix
-        if mask_suffix:
-            src["mask_suffix"] = mask_suffix
-        if label_root and str(label_root) != str(root):
-            notes.append(f"data.{split}: labels live in another folder ({label_root}); tiles pair masks in the same "
-                         f"folder by suffix: list the pairs in a manifest (data.{split}.manifest)")
-        data[split] = src
-    if "train" not in data:
-        notes.append("no train_data_root: set data.train yourself")
-        data["train"] = {"tiles": "CHANGE_ME"}
-    for key in ("no_label_replace", "no_data_replace"):
-        if key in args:
-            notes.append(f"data.{key}={args.pop(key)!r}: nodata handling is automatic (mask nodata -> ignore_index)")
     for key in sorted(args):
         why = "TerraTorch loader setting" if key in IGNORED_DATA else "no equivalent"
         notes.append(f"data.init_args.{key}: {why}")
-    if _short(data_cfg.get("class_path", "")) and "Generic" not in str(data_cfg.get("class_path", "")):
-        notes.append(f"data.class_path {data_cfg.get('class_path')!r}: a specific datamodule; check the paths")
-    return data, notes
+    return data, notes, unmapped
+
+
+def _match_backbone_bands(model: dict[str, Any], data: Mapping[str, Any], unmapped: list[str]) -> None:
+    """``backbone_bands`` naming other bands than the data module reads, position by position.
+
+    TerraTorch feeds the data module's bands whatever the names: a name without pretrained weights (NIR_BROAD for
+    HLS Prithvi) gets a randomly initialised patch embedding for the band actually read. Our recipe requires the
+    two lists to be equal, so this is listed, and ``backbone_bands`` becomes the bands read (pretrained weights).
+    """
+    named = model.get("backbone_bands")
+    bands = list(data.get("bands") or [])
+    if not named or list(named) == bands:
+        return
+    if len(named) == len(bands):
+        diff = [f"{i}: {a} (read: {b})" for i, (a, b) in enumerate(zip(named, bands, strict=True)) if a != b]
+        unmapped.append(f"model.backbone_bands names other bands than the data module reads ({'; '.join(diff)}): "
+                        "TerraTorch gives those channels a randomly initialised patch embedding; the recipe sets "
+                        f"backbone_bands to the bands read, {bands} (their pretrained weights)")
+        model["backbone_bands"] = bands
 
 
 def _convert_optim(opt: Any, sched: Any) -> tuple[dict[str, Any], list[str]]:
@@ -250,17 +281,65 @@ def _convert_optim(opt: Any, sched: Any) -> tuple[dict[str, Any], list[str]]:
     return out, notes
 
 
+def _load_yaml(text: str) -> tuple[Any, list[tuple[int, str]]]:
+    """``yaml.safe_load`` (the last of duplicate keys wins, as in TerraTorch's jsonargparse) that also returns the
+    duplicates as ``(line, key)``: the official multicrop config sets ``backbone_pretrained`` twice."""
+    duplicates: list[tuple[int, str]] = []
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+                if key in seen:
+                    duplicates.append((key_node.start_mark.line + 1, str(key)))
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return yaml.load(text, Loader=Loader) or {}, duplicates  # a SafeLoader: builds no Python objects
+
+
 def convert_command(args: argparse.Namespace) -> int:
-    """CLI body of ``encdec-launch convert-terratorch``."""
+    """CLI body of ``encdec-launch convert-terratorch``.
+
+    Refuses (no recipe written) a config with ``<...>`` placeholders in keys that reach the recipe, and one with
+    settings that change the samples or their values without an equivalent, unless ``--allow-unmapped``.
+    """
     from encdec.launcher.recipe.errors import RecipeError
     from encdec.launcher.recipe.validate import recipe_from_dict
 
     path = Path(args.config)
-    if not path.is_file():
-        raise LaunchError(f"{path} does not exist")
-    config = yaml.safe_load(path.read_text()) or {}
-    recipe, notes = convert(config)
+    from encdec.config.yaml_load import NotTextError, read_text
+
+    try:  # a directory, a GeoTIFF, bytes that are not text: one line saying so
+        text = read_text(path, "TerraTorch config")
+    except (FileNotFoundError, NotTextError) as err:
+        raise LaunchError(str(err)) from None
+    try:
+        config, duplicates = _load_yaml(text)
+    except (UnicodeDecodeError, yaml.YAMLError) as err:
+        raise LaunchError(f"{path} is not a YAML file ({type(err).__name__}: {str(err).splitlines()[0]}); give the "
+                          "TerraTorch (LightningCLI) config YAML") from err
+    if not isinstance(config, Mapping):
+        raise LaunchError(f"{path} holds a {type(config).__name__}, not a TerraTorch config (a mapping with model:, "
+                          "data:, trainer:)")
+    holes = placeholders(config)
+    fill = [(k, v) for k, v in holes if not k.startswith(IGNORED_PLACEHOLDER_KEYS)]
+    if fill:
+        raise LaunchError(f"{path} has {len(fill)} placeholder(s) to fill with real values before it converts:\n"
+                          + "\n".join(f"  {k}: {v}" for k, v in fill))
+    recipe, notes, unmapped = convert(config)
+    notes += [f"line {line}: {key!r} given twice in one mapping; the last value is used, as TerraTorch does"
+              for line, key in duplicates]
+    notes += [f"{k}: placeholder {v!r} in a setting that is not mapped" for k, v in holes]
+    if unmapped and not getattr(args, "allow_unmapped", False):
+        raise LaunchError(f"{path}: {len(unmapped)} setting(s) change the samples or their values and have no "
+                          "equivalent here, so the recipe would train on other data than the config:\n"
+                          + "\n".join(f"  - {u}" for u in unmapped)
+                          + "\nFix them in the config, or pass --allow-unmapped to write the recipe without them.")
     header = [f"# converted from TerraTorch config {path.name} by encdec-launch convert-terratorch"]
+    header += ["# NOT MAPPED, changes the samples or their values (--allow-unmapped):"]  if unmapped else []
+    header += [f"#   - {u}" for u in unmapped]
     header += ["# not mapped:"] + [f"#   - {n}" for n in notes] if notes else ["# everything mapped"]
     text = "\n".join(header) + "\n" + yaml.safe_dump(recipe, sort_keys=False)
     try:
@@ -274,6 +353,8 @@ def convert_command(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}" + ("" if valid else " (fix the problems above)"))
     else:
         print(text)
+    for u in unmapped:
+        print(f"NOT MAPPED (allowed by --allow-unmapped): {u}", file=sys.stderr)
     for n in notes:
         print(f"not mapped: {n}", file=sys.stderr)
     return 0
