@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from encdec.config.checks import is_number
+
 __all__ = ["RunInfo", "Sink", "Tracker", "numeric_metrics", "watermarks_from_jsonl"]
 
 LOG = logging.getLogger("encdec.track")
@@ -59,7 +61,7 @@ def numeric_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """The trackable part of a report: finite numbers (not ``step``, not flags)."""
     out: dict[str, float] = {}
     for k, v in report.items():
-        if k in _SKIP or isinstance(v, bool) or not isinstance(v, (int, float)):
+        if k in _SKIP or not is_number(v):
             continue
         if math.isfinite(float(v)):
             out[k] = float(v)

@@ -204,6 +204,28 @@ def _wandb_records(log: Path) -> list[bytes]:
     return out
 
 
+def _wandb_records_to_exit(log: Path, timeout_s: float = 60.0) -> list[bytes]:
+    """The log's records once its ``exit`` record is on disk: ``run.finish()`` returns when wandb-core has handled
+    the exit, but its writer (another process) may not have flushed the last records yet (CI saw the final history
+    row missing under load)."""
+    import time
+
+    from wandb.proto import wandb_internal_pb2
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = _wandb_records(log)
+        kinds = []
+        for data in records:
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            kinds.append(rec.WhichOneof("record_type"))
+        if "exit" in kinds or time.monotonic() > deadline:
+            assert "exit" in kinds, f"{log} has no exit record after {timeout_s:g} s: {kinds}"
+            return records
+        time.sleep(0.2)
+
+
 def _wandb_history_steps(folders: list[Path], key: str) -> list[int]:
     """Steps of ``key`` in the runs' binary logs, decoded with W&B's own protobuf schema."""
     from wandb.proto import wandb_internal_pb2
@@ -211,7 +233,7 @@ def _wandb_history_steps(folders: list[Path], key: str) -> list[int]:
     steps: list[int] = []
     for folder in folders:
         (log,) = folder.glob("run-*.wandb")
-        for data in _wandb_records(log):
+        for data in _wandb_records_to_exit(log):
             rec = wandb_internal_pb2.Record()
             rec.ParseFromString(data)
             if rec.WhichOneof("record_type") == "history":

@@ -67,7 +67,8 @@ def test_embedded_mlflow_needs_a_disk_not_an_object_store() -> None:
 
 
 def test_early_stop_section() -> None:
-    recipe = recipe_from_dict(_with(train={"early_stop": {"metric": "val/mIoU", "mode": "max", "patience": 2}}))
+    recipe = recipe_from_dict(_with(train={"early_stop": {"metric": "val/mIoU", "mode": "max", "patience": 2}},
+                                    data={"val": {"tiles": "/data/val"}}))  # a stop rule needs validation
     assert recipe.train.early_stop is not None
     assert recipe.train.early_stop.model_dump() == {"metric": "val/mIoU", "mode": "max", "patience": 2,
                                                      "min_delta": 0.0}

@@ -1,10 +1,14 @@
 """``encdec-launch tune RECIPE --search KEY=SPACE ... --trials N``: a hyperparameter search on Ray Tune.
 
 Order: recipe and every search key validated (no cluster touched) -> the search directory (rerunning the same
-command continues it; one that finished prints its table at once) -> the cluster and the fit check of one
-trial (its workers plus its own driver CPU) -> ``Tuner.fit`` (or ``Tuner.restore``: finished trials are not
-rerun) -> the table of trials in the terminal and ``results.csv``, ``trials.png`` (metric vs step per trial)
-and ``best.yaml`` (the winning recipe, which trains with ``encdec-launch best.yaml``).
+command continues it; one that finished prints its table at once) -> every trial recipe the space can make
+planned on the meta device (``tune_fit``) -> the target, through the ``Backend`` protocol like a run: the search
+runs here (local cluster, ``--address``) or, with ``--slurm``, this same command runs inside one Slurm allocation
+-> the cluster and the fit check (the largest trial's footprint: its workers as the planner sizes them plus its
+own driver CPU; ``max_concurrent`` capped to what fits) -> the parent MLflow run (``tune_track``, with
+``track.mlflow``) -> ``Tuner.fit`` (or ``Tuner.restore``: finished trials are not rerun) -> the table of trials
+in the terminal and ``results.csv``, ``trials.png`` (metric vs step per trial) and ``best.yaml`` (the winning
+recipe, which trains with ``encdec-launch best.yaml``).
 """
 
 from __future__ import annotations
@@ -41,9 +45,11 @@ def _metric(recipe: Any) -> tuple[str, str]:
 
 
 def tune_command(args: argparse.Namespace) -> int:
-    """Run (or continue) a search; returns the exit status."""
+    """Run (or continue, or submit with ``--slurm``) a search; returns the exit status."""
     from encdec.config.tune import TuneConfig
-    from encdec.launcher.commands.launch import _console, _flags, absolutize_paths, prepare_synthetic
+    from encdec.launcher.backends.base import backend_for_args
+    from encdec.launcher.commands.launch import _console, _flags, absolutize_paths, open_run_dir, prepare_synthetic
+    from encdec.launcher.commands.tune_fit import plan_footprints
     from encdec.launcher.commands.tune_space import parse_search_args, validate_spaces
     from encdec.launcher.recipe.validate import load_recipe
 
@@ -63,9 +69,10 @@ def tune_command(args: argparse.Namespace) -> int:
         raise LaunchError("a search compares trials on a validation metric: the recipe needs data.val")
     metric, mode = _metric(recipe)
     t = recipe.tune
+    t.space = spaces_text  # the search's recipe.yaml holds the whole space (what a Slurm job reads back)
     base = recipe.to_yaml_dict()
     base.pop("tune", None)
-    spec = {"recipe": base, "space": spaces_text, "trials": t.trials, "metric": metric, "mode": mode,
+    spec: dict[str, Any] = {"recipe": base, "space": spaces_text, "trials": t.trials, "metric": metric, "mode": mode,
             "scheduler": t.scheduler, "search": t.search, "seed": recipe.run.seed}
     search_dir = Path(args.resume or args.search_dir or Path(recipe.cluster.storage) / f"{recipe.run.name}-search")
     search_dir = search_dir.resolve()
@@ -80,23 +87,58 @@ def tune_command(args: argparse.Namespace) -> int:
             console.print(f"search {search_dir} has finished: nothing to rerun")
             _show(console, search_dir, spec)
             return 0
-    search_dir.mkdir(parents=True, exist_ok=True)
-    (search_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
-    prepare_synthetic(recipe, console)
+    # every trial recipe the space can make is planned before any cluster: a model that does not build fails here
+    plans = plan_footprints(spec["recipe"], spaces)
+    for w in plans[0][2].warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    backend = backend_for_args(args)
 
+    def make_search_dir() -> Path:
+        open_run_dir(recipe, search_dir, backend.mode)  # recipe.yaml + launch.json: status|logs|stop SEARCH_DIR
+        (search_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")
+        return search_dir
+
+    def argv(run_dir: Path, recipe_path: str) -> list[str]:
+        # the search inside a Slurm allocation: the same command, on the search's own recipe.yaml, in its directory
+        return ["encdec-launch", "tune", recipe_path, "--search-dir", str(run_dir), "--no-progress"]
+
+    def run_here(make_dir: Any, run_args: argparse.Namespace, out: Any) -> int:
+        return _search_here(recipe, spec, spaces, plans, make_dir(), run_args, out)
+
+    if backend.writes_synthetic_here:
+        prepare_synthetic(recipe, console)
+    from encdec.launcher.backends.base import Entry
+
+    return backend.submit(Entry(name="tune", recipe=recipe, argv=argv, run_here=run_here), make_search_dir, console)
+
+
+def _search_here(recipe: Any, spec: dict[str, Any], spaces: list[Any], plans: list[Any], search_dir: Path,
+                 args: argparse.Namespace, console: Any) -> int:
+    """The search driven from this process: connect, parent MLflow run, ``Tuner.fit``, results."""
     from encdec.launcher.ray.local_run import connect
 
     args.keep_cluster = False
+    parent = None
+    mlflow_cfg = recipe.track.mlflow if recipe.track is not None else None
+    if mlflow_cfg is not None:
+        from encdec.launcher.commands.tune_track import SearchParent
+
+        parent = SearchParent(mlflow_cfg, search_dir, recipe.run.name,
+                              report=lambda m: console.print(f"[yellow]{m}[/yellow]"))
     cluster, _ = connect(args, recipe, console)
     try:
-        rows = _run_search(recipe, spec, spaces, search_dir, console)
+        concurrent = _concurrency(recipe, plans, console)
+        trial_parent = parent.open(spec) if parent is not None else None
+        rows = _run_search(recipe, spec, spaces, search_dir, console, concurrent, trial_parent)
     finally:
         import ray
 
         ray.shutdown()
         if cluster is not None:
             cluster.stop()
-    _write_results(search_dir, rows, spec)
+    top = _write_results(search_dir, rows, spec)
+    if parent is not None:
+        parent.finish(top, spec["metric"], [search_dir / n for n in ("best.yaml", RESULTS, "trials.png")])
     best = _show(console, search_dir, spec)
     if best is None:
         console.print("[red]no trial reported the metric[/red]")
@@ -104,32 +146,34 @@ def tune_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fit_check(recipe: Any, trial_cpus: float) -> int:
-    """How many trials fit at once (workers + the trial's own driver); LaunchError when not even one does."""
+def _concurrency(recipe: Any, plans: list[Any], console: Any) -> int:
+    """Trials at once: the largest trial's footprint (planner) packed onto the cluster; LaunchError when none fits."""
     import ray
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = sum(n.get("Resources", {}).get("CPU", 0.0) for n in nodes)
-    c = recipe.cluster
-    per_trial = c.world_size * c.cpus_per_worker + trial_cpus
-    fits = int((cpus + 1e-9) // per_trial) if per_trial > 0 else recipe.tune.max_concurrent
-    if fits < 1:
-        raise LaunchError(f"one trial needs {c.world_size} workers x {c.cpus_per_worker:g} CPUs + {trial_cpus:g} for "
-                          f"its driver (tune.trial_cpus) = {per_trial:g} CPUs but the cluster has {cpus:g}; lower "
-                          "cluster.cpus_per_worker or the worker count, or join a bigger cluster with --address")
-    return min(fits, recipe.tune.max_concurrent)
+    from encdec.launcher.commands.tune_fit import largest, node_resources, trial_footprint, trials_that_fit
+    from encdec.launcher.ray.driver import check_capacity
+
+    check_capacity(recipe)  # nodes, CPUs, GPUs of one run; resolves cluster.gpus_per_worker (auto)
+    prints = []
+    for label, trial_recipe, plan in plans:
+        if trial_recipe.cluster.gpus_per_worker is None:
+            trial_recipe.cluster.gpus_per_worker = recipe.cluster.gpus_per_worker
+        prints.append(trial_footprint(trial_recipe, plan, recipe.tune.trial_cpus, label))
+    fp = largest(prints)
+    n, reason = trials_that_fit(fp, node_resources(ray.nodes()), recipe.tune.max_concurrent)
+    if reason:
+        console.print(reason)
+    return n
 
 
-def _run_search(recipe: Any, spec: dict[str, Any], spaces: list[Any], search_dir: Path, console: Any) -> list[dict[str, Any]]:
+def _run_search(recipe: Any, spec: dict[str, Any], spaces: list[Any], search_dir: Path, console: Any,
+                concurrent: int, parent: dict[str, str] | None) -> list[dict[str, Any]]:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from encdec.launcher.commands.tune_trial import run_trial
-    from encdec.launcher.ray.driver import check_capacity
 
     t = recipe.tune
-    check_capacity(recipe)
-    concurrent = _fit_check(recipe, t.trial_cpus)
     metric, mode = spec["metric"], spec["mode"]
     max_steps = int(recipe.train.max_steps or 10**9)
     scheduler = None
@@ -146,7 +190,8 @@ def _run_search(recipe: Any, spec: dict[str, Any], spaces: list[Any], search_dir
         # Tune ignores max_concurrent_trials for a generator passed in: the generator must carry the limit
         search_alg = BasicVariantGenerator(random_state=recipe.run.seed, max_concurrent=concurrent)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=spec["recipe"], search_dir=str(search_dir), metric=metric),
+        tune.with_parameters(run_trial, base=spec["recipe"], search_dir=str(search_dir), metric=metric,
+                             parent=parent),
         {"CPU": t.trial_cpus})
     path = search_dir / "tune"
     console.print(f"search {search_dir}: {t.trials} trials of {', '.join(s.key for s in spaces)}, {concurrent} at a "
@@ -200,7 +245,8 @@ def _row(config: dict[str, Any], run_dir: Path, metric: str, mode: str, max_step
             "run_dir": str(run_dir), "curve": values}
 
 
-def _write_results(search_dir: Path, rows: list[dict[str, Any]], spec: dict[str, Any]) -> None:
+def _write_results(search_dir: Path, rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any] | None:
+    """results.csv, best.yaml and trials.png; returns the best row (None when no trial reported the metric)."""
     import yaml
 
     from encdec.launcher.commands.tune_trial import apply_values
@@ -211,6 +257,7 @@ def _write_results(search_dir: Path, rows: list[dict[str, Any]], spec: dict[str,
         w.writeheader()
         w.writerows(rows)
     ranked = [r for r in rows if r["best"] is not None]
+    top = None
     if ranked:
         top = (min if spec["mode"] == "min" else max)(ranked, key=lambda r: r["best"])
         best = apply_values(spec["recipe"], {k: top[k] for k in keys})
@@ -219,6 +266,7 @@ def _write_results(search_dir: Path, rows: list[dict[str, Any]], spec: dict[str,
             f"# best of {len(rows)} trials: {spec['metric']} = {top['best']:.6g} ({top['run_dir']})\n"
             + yaml.safe_dump(best, sort_keys=False))
     _plot(search_dir / "trials.png", rows, spec["metric"], keys)
+    return top
 
 
 def _plot(path: Path, rows: list[dict[str, Any]], metric: str, keys: list[str]) -> None:

@@ -30,8 +30,12 @@ def apply_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]
     return data
 
 
-def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str, metric: str) -> None:
-    """Tune's function trainable: train the trial's recipe and forward its validation reports."""
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str, metric: str,
+              parent: dict[str, str] | None = None) -> None:
+    """Tune's function trainable: train the trial's recipe and forward its validation reports.
+
+    ``parent``: the search's parent MLflow run (``tune_track.SearchParent``); the trial's MLflow run is its child.
+    """
     from ray import tune
     from rich.console import Console
 
@@ -41,7 +45,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str, 
     from encdec.launcher.recipe.validate import recipe_from_dict
 
     trial_id = tune.get_context().get_trial_id()
-    recipe = recipe_from_dict(apply_values(base, config), source=f"trial {trial_id}")
+    data = apply_values(base, config)
+    if parent is not None and (data.get("track") or {}).get("mlflow") is not None:
+        from encdec.launcher.commands.tune_track import child_track
+
+        data["track"] = child_track(data["track"], parent, trial_id)
+    recipe = recipe_from_dict(data, source=f"trial {trial_id}")
     recipe.run.name = f"trial-{trial_id}"
     check_capacity(recipe)
     run_dir = open_run_dir(recipe, Path(search_dir) / "runs" / trial_id, "tune")
