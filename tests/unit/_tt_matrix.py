@@ -23,7 +23,13 @@ import torch
 FIXTURES = Path(__file__).parent / "fixtures"
 MATRIX_DIR = FIXTURES / "terratorch_matrix"
 GENERATOR = FIXTURES / "make_terratorch_outputs.py"
-ATOL = 1e-5
+ATOL = 1e-5  # absolute for outputs up to 1 in magnitude, relative to TerraTorch's largest output above that
+
+
+def allowed_diff(ref_abs_max: float) -> float:
+    """fp32 round-off grows with the values: the same model on another CPU (AVX2 vs AVX-512 kernels sum in another
+    order) differs by a few ulps of its largest output, so the bound scales with it above 1."""
+    return ATOL * max(1.0, ref_abs_max)
 
 
 # The same function, character for character, is in fixtures/make_terratorch_outputs.py (TerraTorch's side of the
@@ -62,7 +68,7 @@ class CaseResult:
     @property
     def ok(self) -> bool:
         return (self.error is None and all(ref == ours for ref, ours in self.shapes.values())
-                and all(d <= ATOL for d in self.diffs.values()))
+                and all(d <= allowed_diff(self.ref_abs_max) for d in self.diffs.values()))
 
     @property
     def max_diff(self) -> float:
@@ -74,7 +80,7 @@ class CaseResult:
         bad = [f"{k}: TerraTorch {ref} vs ours {ours}" for k, (ref, ours) in self.shapes.items() if ref != ours]
         diffs = ", ".join(f"{k} {d:.2e}" for k, d in self.diffs.items())
         return (f"{self.name}: " + ("; ".join(bad) + "; " if bad else "")
-                + f"max abs diff {diffs} (TerraTorch's outputs up to {self.ref_abs_max:.2f}; allowed {ATOL:.0e})")
+                + f"max abs diff {diffs} (TerraTorch's outputs up to {self.ref_abs_max:.2f}; allowed {allowed_diff(self.ref_abs_max):.1e})")
 
 
 def case_names(directory: Path = MATRIX_DIR) -> list[str]:

@@ -309,13 +309,13 @@ def test_meta_lora_to_empty_load_pretrained(tmp_path: Path) -> None:
 
 
 _FSDP_SCRIPT = '''
-import os, sys, torch
+import sys, torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-def run(rank, world, ckpt, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def run(rank, world, ckpt, rendezvous):
+    # a file rendezvous: a TCP port picked by the test could be taken by another xdist worker before rank 0 binds it
+    dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=world)
     from torch.distributed.fsdp import fully_shard
     from encdec.models.backbones.prithvi import build_prithvi, load_pretrained
     src = torch.load(ckpt, weights_only=True)
@@ -352,7 +352,7 @@ def run(rank, world, ckpt, port):
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    mp.spawn(run, args=(2, sys.argv[1], int(sys.argv[2])), nprocs=2)
+    mp.spawn(run, args=(2, sys.argv[1], sys.argv[2]), nprocs=2)
     print("FSDP2 load OK")
 '''
 
@@ -361,7 +361,6 @@ if __name__ == "__main__":
 def test_load_pretrained_into_fsdp2_sharded_encoder(tmp_path: Path) -> None:
     """The engine's order: meta build (-> q/k/v split + LoRA) -> fully_shard per block and root -> to_empty ->
     load, on 2 gloo ranks."""
-    import socket
     import subprocess
     import sys
 
@@ -369,10 +368,8 @@ def test_load_pretrained_into_fsdp2_sharded_encoder(tmp_path: Path) -> None:
     ckpt = _save(_official_state(src), tmp_path / "official.pt")
     script = tmp_path / "fsdp_load.py"
     script.write_text(_FSDP_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, str(script), ckpt, str(port)], capture_output=True, text=True, timeout=600)
+    rendezvous = str(tmp_path / "rendezvous")
+    proc = subprocess.run([sys.executable, str(script), ckpt, rendezvous], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "FSDP2 load OK" in proc.stdout, proc.stdout + proc.stderr
 
 
