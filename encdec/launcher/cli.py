@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from encdec._version import __version__
+from encdec.launcher.backends.flags import add_slurm_flags, add_target_flags
 
 __all__ = ["build_parser", "main"]
 
@@ -44,21 +45,6 @@ def _add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="run name (run.name)")
 
 
-def _add_slurm_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Slurm (with --slurm)")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--time", help="time limit, e.g. 24:00:00")
-    g.add_argument("--qos")
-    g.add_argument("--constraint")
-    g.add_argument("--gpus-per-node", type=int)
-    g.add_argument("--cpus-per-task", type=int)
-    g.add_argument("--signal-grace-s", type=int, help="seconds before the limit when USR1 asks for a checkpoint")
-    g.add_argument("--sbatch-extra", dest="extra", action="append", metavar="LINE",
-                   help="extra #SBATCH line, e.g. --sbatch-extra=--exclusive (repeatable)")
-    g.add_argument("--venv", help="virtualenv with encdec-launch on every node (default: this one)")
-
-
 def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="train a recipe (the default: `encdec-launch RECIPE.yaml` means `run`)",
                        description="Train a recipe on Ray Train workers.", epilog=EPILOG,
@@ -69,8 +55,6 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                    help="validate and plan only; print what would be launched (the sbatch script with --slurm)")
     p.add_argument("--address", help="join an existing Ray cluster (auto, HOST:PORT, or the dashboard URL with "
                    "--submit) instead of starting a local one")
-    p.add_argument("--submit", action="store_true", help="send the run as a Ray Job to --address and follow it")
-    p.add_argument("--no-follow", action="store_true", help="with --submit: return once the job is submitted")
     p.add_argument("--keep-cluster", action="store_true", help="leave the local Ray cluster running at exit")
     p.add_argument("--simulate-nodes", type=int, metavar="N",
                    help="start N Ray nodes on this machine (tries the multi-node path anywhere)")
@@ -78,12 +62,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     p.add_argument("--run-dir", help="use exactly this run directory (continued if it has checkpoints); "
                    "what a Slurm job or a Ray Job runs")
     p.add_argument("--init-from", metavar="CKPT", help="start from a TerraTorch fine-tuned checkpoint (run.init_from)")
-    p.add_argument("--slurm", action="store_true", help="submit to Slurm (sbatch) instead of running here")
-    p.add_argument("--k8s", action="store_true", help="render a KubeRay RayJob manifest (apply it with kubectl)")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the progress bar")
     p.add_argument("--ray-temp-dir", help="temp dir of the local Ray cluster (default /tmp/edray-XXXXXX)")
     p.add_argument("--dashboard-port", type=int, help="dashboard port of the local Ray cluster (default: free)")
-    _add_slurm_flags(p)
+    add_target_flags(p)  # --submit, --no-follow, --slurm, --k8s, the Slurm group
 
 
 def _tune_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -103,6 +85,9 @@ def _tune_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--no-progress", action="store_true", help="plain log lines")
     p.add_argument("--ray-temp-dir", help="temp dir of the local Ray cluster")
     p.add_argument("--dashboard-port", type=int, help="dashboard port of the local Ray cluster")
+    p.add_argument("--slurm", action="store_true", help="submit the search to Slurm: one allocation, the search "
+                   "inside it (follow it with status|logs|stop SEARCH_DIR)")
+    add_slurm_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert-terratorch", help="turn a TerraTorch (Lightning) config into a recipe")
     p.add_argument("config")
     p.add_argument("-o", "--output", help="recipe file to write (default: print)")
+    p.add_argument("--allow-unmapped", action="store_true",
+                   help="write the recipe even when settings that change the samples or their values do not map")
 
     from encdec.launcher.commands.predict_cmd import add_parsers  # argparse only: no torch/ray at import
 
@@ -156,6 +143,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("make-data", help="write a synthetic HLS-like tile set", add_help=False)
     sub.add_parser("stats", help="per-band means/stds and class frequencies of tiles", add_help=False)
     return parser
+
+
+SLURM_FLAGS = {"partition": "--partition", "account": "--account", "time": "--time", "qos": "--qos",
+               "constraint": "--constraint", "gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task",
+               "signal_grace_s": "--signal-grace-s", "extra": "--sbatch-extra", "venv": "--venv"}
+
+
+def _run_flag_conflict(args: argparse.Namespace) -> str | None:
+    """Flags of ``run`` that contradict each other (they would be silently ignored otherwise)."""
+    if args.slurm and args.k8s:
+        return "--slurm and --k8s both name the launch target; give one of them"
+    target = "--slurm" if args.slurm else "--k8s" if args.k8s else None
+    if target and (args.submit or args.address):
+        return f"{target} starts its own Ray cluster; drop {'--submit' if args.submit else '--address'} (or {target})"
+    if args.submit and not args.address:
+        return ("--submit sends the run as a Ray Job to an existing cluster: give its dashboard, e.g. "
+                "--submit --address http://HEAD:8265")
+    if args.no_follow and not args.submit:
+        return "--no-follow applies to --submit only (a Ray Job); drop it"
+    given = [flag for dest, flag in SLURM_FLAGS.items() if getattr(args, dest, None) not in (None, [])]
+    if given and not args.slurm:
+        return f"{', '.join(given)} {'is a Slurm flag' if len(given) == 1 else 'are Slurm flags'}: add --slurm, or drop them"
+    return None
 
 
 def _normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -190,10 +200,14 @@ def _dispatch(command: str) -> Callable[[argparse.Namespace], int]:
         from encdec.launcher.commands.export_cmd import export_command
 
         return export_command
-    if command in ("predict", "evaluate"):
-        from encdec.launcher.commands import predict_cmd
+    if command == "predict":
+        from encdec.launcher.commands.predict_cmd import predict_command
 
-        return predict_cmd.predict_command if command == "predict" else predict_cmd.evaluate_command
+        return predict_command
+    if command == "evaluate":
+        from encdec.launcher.commands.evaluate_cmd import evaluate_command
+
+        return evaluate_command
     if command == "tune":
         from encdec.launcher.commands.tune_cmd import tune_command
 
@@ -219,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_in)
     if args.command == "run" and not args.recipe and not args.resume and not args.run_dir:
         parser.error("give a recipe (encdec-launch RECIPE.yaml) or --resume RUN_DIR")
+    if args.command == "run" and (conflict := _run_flag_conflict(args)) is not None:
+        print(f"error: {conflict}", file=sys.stderr)
+        return 2
     from encdec.launcher.recipe.errors import LaunchError, RecipeError
 
     try:

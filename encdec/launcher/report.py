@@ -9,17 +9,39 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
+import re
 import time
-from collections.abc import Iterable
+import traceback
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Progress", "metric_rows", "plot_metrics", "skipped_tiles", "summary_table", "write_metrics_csv"]
+from encdec.config.checks import is_number
+
+__all__ = ["SUMMARY_WIDTH", "Progress", "RunLog", "end_of_run", "error_reason", "make_console", "metric_rows",
+           "plot_metrics", "skipped_tiles", "summary_table", "write_metrics_csv"]
+
+
+SUMMARY_WIDTH = 100  # the summary table's width in logs (files, CI): no line wider than this
+
+
+def make_console(*, stderr: bool = False, width: int = 160) -> Any:
+    """A rich console: colours on a terminal; on anything else (a log file, a pipe, CI) plain text, ``width``
+    columns (long paths are not cut at 80), and no colour codes even under ``FORCE_COLOR``."""
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, width=width, force_terminal=False, color_system=None)
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if is_number(value) and math.isfinite(value):
         return format(value, spec)
     return "-"
 
@@ -28,11 +50,7 @@ class Progress:
     """A rich progress bar (step/total, loss, mIoU, tiles/s, data-wait %, ETA), or plain lines."""
 
     def __init__(self, total_steps: int | None, *, enabled: bool = True, console: Any = None) -> None:
-        from rich.console import Console
-
-        self.console = console or Console(stderr=True)
-        if console is None and not self.console.is_terminal:
-            self.console = Console(stderr=True, width=160)
+        self.console = console or make_console(stderr=True)
         self.total = total_steps
         self.enabled = enabled and self.console.is_terminal
         self.plain = not self.enabled
@@ -81,8 +99,12 @@ class Progress:
             self._bar.update(self._task, completed=step, info=self.info())
         elif time.monotonic() - self._last_plain > 0.0:
             self._last_plain = time.monotonic()
-            total = f"/{self.total}" if self.total else ""
-            self.console.print(f"step {step}{total}  {self.info()}", highlight=False)
+            self.console.print(self.line(step), highlight=False)
+
+    def line(self, step: int | None = None) -> str:
+        """The plain progress line of the last report (also what the driver's log gets)."""
+        total = f"/{self.total}" if self.total else ""
+        return f"step {int(self.state.get('step', 0) or 0) if step is None else step}{total}  {self.info()}"
 
     def message(self, text: str) -> None:
         """A line above the bar."""
@@ -158,7 +180,8 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
             ax.plot(xs, ys, style, label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # a run with no loss report yet has nothing to label (matplotlib warns)
+        ax.legend()
     ax.grid(alpha=0.3)
     if metric:
         xs, ys = series(metric)
@@ -184,3 +207,95 @@ def summary_table(title: str, rows: list[tuple[str, str]]) -> Any:
     for k, v in rows:
         table.add_row(k, v)
     return table
+
+
+# ------------------------------------------------------------------------------------------------ why it ended
+def _root_error(err: BaseException) -> BaseException:
+    """The error a user should read first: a failing worker's own exception rather than Ray's wrapper, following
+    the lowest failing rank (``worker_failures``), Ray's task-error ``cause`` and the ``__cause__`` chain."""
+    seen: set[int] = set()
+    e = err
+    while id(e) not in seen:
+        seen.add(id(e))
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, Mapping) and failures:
+            e = failures[min(failures)]
+            continue
+        inner = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else e.__cause__
+        if inner is None:
+            break
+        e = inner
+    return e
+
+
+def error_reason(err: BaseException) -> tuple[str, str]:
+    """(one line naming the first error, its full text) for ``status.json`` and the driver's log."""
+    root = _root_error(err)
+    text = str(root).strip()
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    line = f"{type(root).__name__}: {first}" if first else type(root).__name__
+    full = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    return line[:1000], full[-20000:]
+
+
+def end_of_run(*, failed: BaseException | None, stopped: bool, rows: list[dict[str, Any]], max_steps: int | None,
+               skips: Mapping[str, int], early_stop: Any = None) -> tuple[str, str, dict[str, Any]]:
+    """How a run ended, for ``status.json``: (state, reason, details).
+
+    Args:
+        failed: The error ``fit`` ended with, if any.
+        stopped: A stop was requested (Ctrl-C, SIGTERM, ``encdec-launch stop``).
+        rows: ``metric_rows`` of the run.
+        max_steps: ``train.max_steps``.
+        skips: Skipped tiles per reason (``skipped_tiles``).
+        early_stop: ``train.early_stop`` (its metric names the value that stopped the run).
+    """
+    last = rows[-1] if rows else {}
+    step = int(last.get("step", 0) or 0)
+    details: dict[str, Any] = {"step": step, "max_steps": max_steps}
+    skipped = ""
+    if skips:
+        details["skipped_tiles"] = dict(skips)
+        skipped = (f"; skipped {sum(skips.values())} tiles ("
+                   + ", ".join(f"{r} {n}" for r, n in sorted(skips.items())) + ", see skipped_tiles.csv)")
+    if failed is not None:
+        reason, full = error_reason(failed)
+        details["error"] = full
+        return "failed", f"{reason} (at step {step}){skipped}", details
+    if stopped:
+        return "stopped", f"stop requested at step {step}; continue with --resume{skipped}", details
+    if last.get("status") == "early-stopped":
+        metric = getattr(early_stop, "metric", None)
+        value = last.get(metric) if metric else None
+        details["early_stop"] = {"metric": metric, "step": step, "value": value,
+                                 "patience": getattr(early_stop, "patience", None)}
+        shown = f" = {value:.4g}" if isinstance(value, (int, float)) else ""
+        return ("early-stopped", f"train.early_stop: {metric}{shown} had not improved for "
+                f"{getattr(early_stop, 'patience', '?')} validations at step {step}{skipped}", details)
+    ended = f"{step} steps" if not max_steps or step >= max_steps else f"ended at step {step} of {max_steps}"
+    return "finished", f"{ended}{skipped}", details
+
+
+_MARKUP = re.compile(r"\[/?(?:bold|red|yellow|green|dim)\]")
+
+
+class RunLog:
+    """The driver's lines in ``RUN_DIR/logs/driver.log``: what it printed (plain text, never colour codes) and its
+    ``encdec`` warnings, each with a timestamp, so ``encdec-launch logs`` can merge them with the workers' lines.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        (run_dir / "logs").mkdir(exist_ok=True)
+        self.handler = logging.FileHandler(run_dir / "logs" / "driver.log", encoding="utf-8")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s driver %(levelname)s %(message)s"))
+        self.logger = logging.getLogger("encdec.launcher.run")
+        self.logger.setLevel(logging.INFO)
+        logging.getLogger("encdec").addHandler(self.handler)
+
+    def line(self, text: str, level: int = logging.INFO) -> None:
+        """One line (the colour markup the console gets, if any, is dropped)."""
+        self.logger.log(level, _MARKUP.sub("", text))
+
+    def close(self) -> None:
+        logging.getLogger("encdec").removeHandler(self.handler)
+        self.handler.close()

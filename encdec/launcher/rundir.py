@@ -8,6 +8,10 @@ Layout::
     checkpoints/       the engine's checkpoints (step_XXXXXXX, best.json)
     metrics.jsonl      every report of rank 0 (the engine appends)
     metrics.csv, metrics.png, export/   written by the driver at the end
+    status.json        how the run stands or ended: running / finished / failed / stopped / early-stopped, the
+                       reason (the first error, the skipped tiles, the early-stop metric and step), timestamps
+    logs/              driver.log (what the driver printed, without colour) and rank<N>.log (each worker's
+                       ``encdec`` log lines and its error); ``encdec-launch logs`` merges them by time
 
 Ray Train V2 resumes a run whose ``RunConfig(name, storage_path)`` already exists, silently. The launcher uses
 ``name = run dir name`` and ``storage_path = its parent``, and a new launch always creates a directory that did
@@ -21,12 +25,15 @@ import datetime as dt
 import json
 import os
 import platform
+import re
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import yaml
 
@@ -34,19 +41,31 @@ from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = [
     "LAUNCH_FILE",
+    "LOG_DIR",
     "RECIPE_FILE",
+    "STATES",
+    "STATUS_FILE",
     "code_revision",
+    "describe_status",
     "is_run_dir",
+    "log_records",
     "new_run_dir",
     "package_versions",
+    "print_logs",
     "read_launch",
+    "read_status",
+    "record_recipe",
     "update_launch",
     "write_run_files",
+    "write_status",
 ]
 
 RECIPE_FILE = "recipe.yaml"
 LAUNCH_FILE = "launch.json"
 VERSIONS_FILE = "versions.json"
+STATUS_FILE = "status.json"
+LOG_DIR = "logs"
+STATES = ("running", "finished", "failed", "stopped", "early-stopped")
 PACKAGES = ("encdec-launch", "torch", "torchvision", "ray", "deepspeed", "peft", "timm", "segmentation-models-pytorch",
             "rasterio", "pydantic", "numpy", "accelerate", "safetensors")
 
@@ -104,12 +123,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def _recipe_text(recipe_data: Mapping[str, Any]) -> str:
+    return ("# resolved recipe of this run (defaults filled in, overrides applied); --resume reads it\n"
+            + yaml.safe_dump(dict(recipe_data), sort_keys=False))
+
+
 def write_run_files(run_dir: Path, recipe_data: Mapping[str, Any], launch: Mapping[str, Any]) -> None:
     """Write ``recipe.yaml``, ``versions.json`` and ``launch.json`` into a run directory."""
-    (run_dir / RECIPE_FILE).write_text(
-        "# resolved recipe of this run (defaults filled in, overrides applied); --resume reads it\n"
-        + yaml.safe_dump(dict(recipe_data), sort_keys=False)
-    )
+    (run_dir / RECIPE_FILE).write_text(_recipe_text(recipe_data))
     versions = {**package_versions(), "code": code_revision()}
     (run_dir / VERSIONS_FILE).write_text(json.dumps(versions, indent=2) + "\n")
     record = {
@@ -120,6 +141,27 @@ def write_run_files(run_dir: Path, recipe_data: Mapping[str, Any], launch: Mappi
         **launch,
     }
     (run_dir / LAUNCH_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def record_recipe(run_dir: Path, recipe_data: Mapping[str, Any]) -> Path | None:
+    """Make ``recipe.yaml`` the recipe a continued run uses (``--resume RUN --set ...``), keeping the one it
+    replaces as ``recipe.prev-N.yaml`` (N = 1, 2, ... never overwritten). Returns that file, or None when the
+    recipe did not change."""
+    current = run_dir / RECIPE_FILE
+    old = yaml.safe_load(current.read_text()) if current.is_file() else None
+    if old is not None and yaml.safe_dump(old, sort_keys=True) == yaml.safe_dump(dict(recipe_data), sort_keys=True):
+        return None
+    prev = None
+    if current.is_file():
+        n = 1
+        while (run_dir / f"recipe.prev-{n}.yaml").exists():
+            n += 1
+        prev = run_dir / f"recipe.prev-{n}.yaml"
+        shutil.copy2(current, prev)  # the old text is kept before the new one replaces it
+    tmp = run_dir / (RECIPE_FILE + ".part")
+    tmp.write_text(_recipe_text(recipe_data))
+    os.replace(tmp, current)
+    return prev
 
 
 def read_launch(run_dir: str | Path) -> dict[str, Any]:
@@ -141,3 +183,144 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
     root = Path(run_dir) / "checkpoints"
     return find_latest_checkpoint(root) if root.is_dir() else None
+
+
+# ------------------------------------------------------------------------------------------------ status.json
+def _atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` so a reader sees the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: str | Path) -> dict[str, Any]:
+    """The run's ``status.json`` (empty when there is none, or it cannot be parsed)."""
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        return dict(json.loads(path.read_text())) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_status(run_dir: str | Path, state: str, reason: str = "", **details: Any) -> dict[str, Any]:
+    """Record how the run stands (``running``) or why it ended, atomically; keeps ``started`` across writes.
+
+    Args:
+        run_dir: The run directory.
+        state: One of :data:`STATES`.
+        reason: One line a user reads first (the first error, what stopped it).
+        details: More to keep (``error``: the full error text, ``skipped_tiles``, ``early_stop``...).
+    """
+    if state not in STATES:
+        raise ValueError(f"run state {state!r} is not one of {STATES}")
+    now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    old = read_status(run_dir)
+    record: dict[str, Any] = {"state": state, "reason": reason, "started": old.get("started", now), "updated": now}
+    if state != "running":
+        record["ended"] = now
+    record.update(details)
+    _atomic_write(Path(run_dir) / STATUS_FILE, json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def describe_status(run_dir: str | Path | None) -> str | None:
+    """``status``'s lines from ``status.json`` (None when the run has none): the state, the reason, the times.
+
+    A recorded ``running`` whose driver (pid in ``launch.json``, on this host) is gone means the driver died
+    without recording an end (killed, the machine went down): said so, rather than "running".
+    """
+    if run_dir is None:
+        return None
+    st = read_status(run_dir)
+    if not st:
+        return None
+    state = st.get("state", "?")
+    from encdec.launcher.backends.ray_backend import driver_alive
+
+    if state == "running" and driver_alive(read_launch(run_dir)) is False:
+        state = "ended without recording why (the driver was killed or its machine stopped)"
+    lines = [f"state: {state}" + (f" - {st['reason']}" if st.get("reason") else "")]
+    when = [f"{k} {st[k]}" for k in ("started", "ended") if st.get(k)]
+    if when:
+        lines.append(", ".join(when))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ logs/
+_STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def log_files(run_dir: str | Path) -> list[Path]:
+    """The run's log files: ``driver.log`` first, then the ranks' in rank order."""
+    root = Path(run_dir) / LOG_DIR
+    if not root.is_dir():
+        return []
+    def order(p: Path) -> tuple[int, int, str]:
+        digits = re.sub(r"\D", "", p.stem)
+        return (0 if p.stem == "driver" else 1, int(digits) if digits else 0, p.name)
+    return sorted(root.glob("*.log"), key=order)
+
+
+def _records(text: str) -> list[str]:
+    """Log records: a line starting with a timestamp and the lines after it that do not (a traceback)."""
+    out: list[str] = []
+    for line in text.splitlines():
+        if out and not _STAMP.match(line):
+            out[-1] += "\n" + line
+        else:
+            out.append(line)
+    return out
+
+
+def _merge(chunks: list[str]) -> list[str]:
+    """Records of several files in time order (stable: the driver's first at equal times)."""
+    records = [r for text in chunks for r in _records(text)]
+    return sorted(records, key=lambda r: r[:23] if _STAMP.match(r) else "")
+
+
+def log_records(run_dir: str | Path) -> list[str]:
+    """Every log record of a run (driver and workers), merged by time."""
+    return _merge([p.read_text(errors="replace") for p in log_files(run_dir)])
+
+
+def _whole(text: str) -> str:
+    return text[:text.rfind("\n") + 1]  # a writer may be half-way through a line: it is taken once done
+
+
+def print_logs(run_dir: Path, *, tail: int | None, follow: bool, out: IO[str],
+               alive: Callable[[], bool | None] = lambda: False, poll_s: float = 1.0) -> None:
+    """Print a run's driver and worker log lines (``logs/``), merged by time; ``follow``: until ``alive()`` is
+    no longer true. A run from before ``logs/`` existed shows its reports (``metrics.jsonl``) instead."""
+    if not (run_dir / LOG_DIR).is_dir():
+        files: list[Path] = [run_dir / "metrics.jsonl"]
+        merge: Callable[[list[str]], list[str]] = lambda chunks: "".join(chunks).splitlines()  # noqa: E731
+    else:
+        files, merge = log_files(run_dir), _merge
+    offsets: dict[Path, int] = {}
+
+    def new_text() -> list[str]:
+        chunks = []
+        for path in (log_files(run_dir) if merge is _merge else files):
+            if not path.is_file():
+                continue
+            with path.open("rb") as f:
+                f.seek(offsets.get(path, 0))
+                done = _whole(f.read().decode(errors="replace"))
+            offsets[path] = offsets.get(path, 0) + len(done.encode())
+            chunks.append(done)
+        return chunks
+
+    records = merge(new_text())
+    records = records[-tail:] if tail else records
+    if records:
+        out.write("\n".join(records) + "\n")
+        out.flush()
+    while follow:
+        running = alive()  # read before the files, so the last lines are not missed
+        records = merge(new_text())
+        if records:
+            out.write("\n".join(records) + "\n")
+            out.flush()
+        if not running:
+            return
+        time.sleep(poll_s)

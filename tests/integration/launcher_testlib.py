@@ -24,10 +24,11 @@ def launch(args: Sequence[str], *, timeout: float = 600, env: dict[str, str] | N
                           env={**os.environ, **(env or {})}, check=False)
 
 
-def popen(args: Sequence[str], log: Path) -> subprocess.Popen[bytes]:
+def popen(args: Sequence[str], log: Path, *, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start ``encdec-launch ARGS`` in the background, output to ``log``."""
     out = open(log, "wb")
-    return subprocess.Popen([*LAUNCHER, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen([*LAUNCHER, *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})
 
 
 def run_dirs(storage: Path) -> list[Path]:

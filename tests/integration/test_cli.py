@@ -173,9 +173,10 @@ def test_dry_run_300m_at_8_nodes_with_slurm() -> None:
     out = launch(["recipes/prithvi_lora.yaml", "--nodes", "8", "--dry-run", "--slurm"], timeout=300)
     wall = time.perf_counter() - start
     assert out.returncode == 0, out.stderr
-    assert "num_workers=64" in out.stdout and "placement_strategy=SPREAD" in out.stdout
-    assert "#SBATCH --nodes=8" in out.stdout and "fits" in out.stdout
-    planned = float(out.stdout.split("planned in ")[1].split(" s")[0])
+    # the script alone on stdout (`--slurm --dry-run > job.sbatch`); the plan and the launch spec on stderr
+    assert out.stdout.startswith("#!") and "#SBATCH --nodes=8" in out.stdout and "num_workers" not in out.stdout
+    assert "num_workers=64" in out.stderr and "placement_strategy=SPREAD" in out.stderr and "fits" in out.stderr
+    planned = float(out.stderr.split("planned in ")[1].split(" s")[0])
     # the time is reported, not asserted (benchmarks measure speed; a shared CI machine only adds noise)
     print(f"dry run of prithvi_lora at --nodes 8: plan {planned:.2f} s, whole command {wall:.1f} s")
 
@@ -268,8 +269,8 @@ def test_convert_terratorch(tmp_path: Path) -> None:
     assert recipe["loss"] == {"name": "ce", "ignore_index": -1, "class_weights": [0.3, 0.7]}
     assert recipe["train"] == {"freeze_backbone": False, "epochs": 50, "precision": "bf16", "log_every": 10,
                                "strategy": "deepspeed", "zero_stage": 3}
-    assert recipe["optim"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "schedule": "constant",
-                               "grad_accum": 2, "grad_clip": 0.5}
+    assert recipe["optim"] == {"name": "adamw", "lr": 1e-4, "weight_decay": 0.05, "grad_accum": 2, "grad_clip": 0.5,
+                               "schedule": "plateau", "plateau": {"metric": "val/loss"}}  # ReduceLROnPlateau
     assert recipe["cluster"] == {"nodes": 2, "workers_per_node": 4, "gpus_per_worker": 1,
                                  "storage": "/shared/terratorch_runs"}
     assert recipe["data"]["global_batch_size"] == 64  # 8 per device x 4 devices x 2 nodes
@@ -278,7 +279,7 @@ def test_convert_terratorch(tmp_path: Path) -> None:
     assert recipe["data"]["val"]["label_root"] == "/data/sen1floods11/val_labels"  # labels in another folder
     assert recipe["data"]["dataset_bands"] == recipe["data"]["bands"] and recipe["data"]["no_label_replace"] == -1
     text = out_path.read_text()
-    for unmapped in ("ReduceLROnPlateau", "trainer.callbacks", "val_labels", "plot_on_val", "num_workers"):
+    for unmapped in ("RichProgressBar", "val_labels", "plot_on_val", "num_workers"):
         assert unmapped in text, unmapped
     check = launch(["recipe", str(out_path)], timeout=60)
     assert check.returncode == 0, check.stderr

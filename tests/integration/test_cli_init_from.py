@@ -1,8 +1,13 @@
 """``--init-from``: TerraTorch (Lightning) checkpoints are read without TerraTorch installed, bad ones fail before any
-cluster starts (missing, unreadable, not this model), and a good one is what the workers start from."""
+cluster starts (missing, unreadable, not this model), and a good one is what the workers start from. The same run
+(``encdec-launch`` on the shared local Ray cluster) then stalls and ends ``early-stopped``: early stopping through
+the real driver, its best checkpoint exported and MLflow told. MLflow and TensorBoard read back after a resume are
+checked on the Ctrl-C-then-resume run of test_launcher_faults.py; that a down MLflow server stops nothing on the
+finishing run of test_real_rasters.py."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -123,15 +128,22 @@ def _land_fractions(tiles: Path) -> list[float]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_run_starts_from_the_checkpoint(ray_cluster: object, quick_tiles: Path, tmp_path: Path) -> None:
+def test_run_starts_from_the_checkpoint_then_stalls_and_stops_early(ray_cluster: object, quick_tiles: Path,
+                                                                    tmp_path: Path) -> None:
     """2 workers on the shared cluster; the checkpoint's head says 'water' everywhere with margin 2 * BIAS, so the
     first step's loss is 2 * BIAS x the batch's land fraction (random init: ~0.7), and the workers were started
-    with the malloc threshold."""
+    with the malloc threshold. At lr 1e-9 the run then stalls: it ends ``early-stopped`` (status.json, metrics.csv,
+    MLflow) with its best checkpoint exported. (One launch for both: each costs 30-60 s.)"""
+    from mlflow.tracking import MlflowClient
+
     ckpt = _quickstart_ckpt(tmp_path / "epoch=9-step=400.ckpt", head_bias=BIAS)
     storage = tmp_path / "runs"
     args = quick_args(quick_tiles, storage, "--address", ray_cluster.gcs_address,  # type: ignore[attr-defined]
-                      "--init-from", str(ckpt), "--set", "train.max_steps=2", "--set", "train.log_every=1",
-                      "--set", "train.val_every=1000", "--set", "train.ckpt_every=1000", "--set", "run.export=false")
+                      "--init-from", str(ckpt), "--set", "train.max_steps=40", "--set", "train.log_every=1",
+                      "--set", "train.val_every=2", "--set", "train.ckpt_every=100", "--set", "optim.lr=1e-9",
+                      "--set", "optim.warmup_steps=0",
+                      "--set", "train.early_stop={metric: val/loss, mode: min, patience: 2, min_delta: 0.01}",
+                      "--set", "track.mlflow.experiment=stall")
     out = launch(args, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run_dir,) = run_dirs(storage)
@@ -147,3 +159,15 @@ def test_run_starts_from_the_checkpoint(ray_cluster: object, quick_tiles: Path, 
     for rank in (0, 1):
         record = json.loads((run_dir / "workers" / f"rank{rank}.json").read_text())
         assert record["malloc_mmap_threshold"] == expected, record
+
+    # val/loss best at step 2, no better by min_delta at 4 and 6 (patience 2): stopped at step 6 of 40
+    assert "early-stopped" in out.stdout
+    status = json.loads((run_dir / "status.json").read_text())  # issue 17: why it ended, in the run directory
+    assert status["state"] == "early-stopped" and status["step"] == 6 and status["early_stop"]["metric"] == "val/loss"
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert rows[-1]["step"] == "6" and rows[-1]["status"] == "early-stopped"
+    assert (run_dir / "checkpoints" / "step_00000006").is_dir()
+    assert (run_dir / "export" / "model.safetensors").is_file()  # the best checkpoint was exported
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
+    run = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}").get_run(run_id)
+    assert run.data.tags["encdec.status"] == "early-stopped" and run.info.status == "FINISHED"

@@ -1,4 +1,5 @@
-"""Fault tolerance and stopping, for real: a worker killed by PID on a 2-node cluster, Ctrl-C, ``--resume``."""
+"""Fault tolerance and stopping, for real: a worker killed by PID on a 2-node cluster, Ctrl-C, ``--resume`` (of a
+run tracked with MLflow and TensorBoard: both read back after the resume)."""
 
 from __future__ import annotations
 
@@ -73,17 +74,37 @@ def test_worker_killed_on_two_nodes_restores(ray_cluster: object, quick_tiles: P
     assert 24 in _complete_steps(run_dir)
 
 
+SECRET = "pw-must-not-leak-7f3a9c"
+
+
+def _files_with(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def _report_steps(run_dir: Path, key: str) -> list[int]:
+    """The steps of metrics.jsonl's rows that carry ``key``, each once: what the tracker sends for it."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return sorted({int(r["step"]) for r in rows if key in r})
+
+
 def test_ctrl_c_checkpoints_then_resume_finishes(ray_cluster: object, quick_tiles: Path, tmp_path: Path) -> None:
     """Embedded local cluster of 2 simulated nodes (no --address): `stop` sends SIGINT (Ctrl-C) to the driver ->
-    checkpoint -> clean exit, the cluster's processes gone; then --resume on another cluster finishes the run."""
+    checkpoint -> clean exit, the cluster's processes gone; then --resume on another cluster finishes the run.
+    The run is tracked (MLflow, TensorBoard): after the resume both hold one run with every step once, and no
+    credential from the environment was written anywhere. (One run for both: each launch costs 30-60 s.)"""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     storage = tmp_path / "runs"
     temp = f"/tmp/ray-s{os.getpid()}"
+    env = {"MLFLOW_TRACKING_PASSWORD": SECRET, "MLFLOW_TRACKING_USERNAME": "alice"}
     args = quick_args(quick_tiles, storage, "--ray-temp-dir", temp, "--simulate-nodes", "2", "--workers-per-node", "1",
                       "--set", "train.max_steps=16",
                       "--set", "train.ckpt_every=100", "--set", "train.log_every=2", "--set", "train.val_every=100",
-                      "--set", "run.export=false")
+                      "--set", "run.export=false", "--set", "track.tensorboard=true",
+                      "--set", "track.mlflow.experiment=itest", "--set", "track.mlflow.tags={team: eo}")
     log = tmp_path / "run.log"
-    proc = popen(args, log)
+    proc = popen(args, log, env=env)
     try:
         _wait(lambda: storage.is_dir() and bool(run_dirs(storage)), 300, proc, "the run directory")
         run_dir = run_dirs(storage)[0]
@@ -104,6 +125,7 @@ def test_ctrl_c_checkpoints_then_resume_finishes(ray_cluster: object, quick_tile
     stopped_at = int(last["step"])
     assert last.get("stopped") is True and 4 <= stopped_at < 16
     assert _complete_steps(run_dir) == [stopped_at]  # ckpt_every=100: this one came from Ctrl-C
+    run_id = json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"]
     # loadable: restore it into a model in this process
     from encdec.launcher.commands.export_cmd import restore
     from encdec.launcher.recipe.validate import load_recipe
@@ -115,18 +137,50 @@ def test_ctrl_c_checkpoints_then_resume_finishes(ray_cluster: object, quick_tile
     assert left == [], f"processes of the embedded cluster left: {left}"
     shutil.rmtree(temp, ignore_errors=True)
 
-    # --resume continues the same run directory on another cluster and finishes it
-    done = launch(["--resume", str(run_dir), "--address", ray_cluster.gcs_address, "--no-progress"],  # type: ignore[attr-defined]
-                  timeout=900)
+    # --resume continues the same run directory on another cluster and finishes it (exporting: run.export on now)
+    done = launch(["--resume", str(run_dir), "--address", ray_cluster.gcs_address,  # type: ignore[attr-defined]
+                   "--no-progress", "--set", "run.export=true"], timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert run_dirs(storage) == [run_dir]  # no new run directory
+    assert "tracking" in done.stdout and "problem" not in done.stdout
     steps = _logged_steps(run_dir)
     last_stop = len(steps) - 1 - steps[::-1].index(stopped_at)
     after = steps[last_stop + 1:]
     assert after and after[0] == stopped_at + 2 - stopped_at % 2 and after[-1] == 16, (stopped_at, steps)
     assert 16 in _complete_steps(run_dir)
 
-    # the export command on the finished run (run.export was off for it)
+    # MLflow: the same run continued (not a second one), finished, every step of both launches sent once. The
+    # stop's report (at the stop step, with the last logged values) is a report like any other.
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    assert json.loads((run_dir / "tracking.json").read_text())["mlflow"]["run_id"] == run_id
+    (only,) = client.search_runs([client.get_experiment_by_name("itest").experiment_id])
+    assert only.info.run_id == run_id and only.info.status == "FINISHED"
+    assert only.data.tags["team"] == "eo" and only.data.tags["encdec.status"] == "finished"
+    assert only.data.params["optim.lr"] == "0.001" and only.data.params["train.strategy"] == "ddp"
+    loss_steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(loss_steps) == _report_steps(run_dir, "train/loss")  # each step once
+    assert set(range(2, 17, 2)) <= set(loss_steps) and stopped_at in loss_steps  # both launches
+    val_steps = sorted(m.step for m in client.get_metric_history(run_id, "val/mIoU"))
+    # val_every=100: the one validation is the last step's (an earlier one would save a best checkpoint)
+    assert val_steps == _report_steps(run_dir, "val/mIoU") == [16]
+    for key in ("train/lr", "train/tiles_per_s", "train/data_wait_pct", "mem/peak_rss_gb"):  # with every report
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == sorted(loss_steps), key
+    names = {a.path for a in client.list_artifacts(run_id)}
+    assert {"recipe.yaml", "versions.json", "metrics.png", "metrics.csv", "model"} <= names
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run_id, "model")}
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == sorted(loss_steps)
+    assert {"train/lr", "train/tiles_per_s", "train/data_wait_pct", "mem/peak_rss_gb", "val/mIoU"} <= set(
+        acc.Tags()["scalars"])
+    assert acc.Tags()["images"] == ["metrics_plot"]
+
+    # credentials from the environment reached MLflow's client only: nothing written holds them
+    assert _files_with(run_dir, SECRET.encode()) == []
+    assert SECRET not in text + done.stdout + done.stderr
+
+    # the export command on the finished run, to another folder than the run's own export
     out = launch(["export", str(run_dir), "--out", str(tmp_path / "export")], timeout=600)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "export" / "model.safetensors").stat().st_size > 1e6

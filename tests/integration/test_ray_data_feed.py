@@ -1,5 +1,5 @@
-"""The Ray Data feed on a local Ray: exactness equal to the reader feed (once per epoch, exact resume at another
-world size, identical pixels), bad tiles counted on the rank."""
+"""The Ray Data feed on the session's shared local Ray cluster (``ray_driver``): exactness equal to the reader feed
+(once per epoch, exact resume at another world size, identical pixels), bad tiles counted on the rank."""
 
 from __future__ import annotations
 
@@ -16,16 +16,6 @@ from encdec.data.synthetic import write_tiles
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 N = 10
 SIZE = 32
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir="/tmp/ray-data-h", log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()  # only our own driver-started cluster
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +50,7 @@ def _run(cfg, feed, world_size, micro_steps, state=None):
     return ids, images, states[0], bad
 
 
-def test_ray_feed_is_exact_and_matches_the_reader_feed(local_ray, tiles):
+def test_ray_feed_is_exact_and_matches_the_reader_feed(ray_driver, tiles):
     cfg = _cfg(tiles)
     ray_ids, ray_images, _, bad = _run(cfg, "ray", 2, 5)  # 20 samples = 2 epochs over 2 ranks
     ref_ids, ref_images, _, _ = _run(cfg, "reader", 2, 5)
@@ -73,7 +63,7 @@ def test_ray_feed_is_exact_and_matches_the_reader_feed(local_ray, tiles):
     assert all(b["total"] <= 1 for b in bad)
 
 
-def test_ray_feed_resumes_exactly_at_another_world_size(local_ray, tiles):
+def test_ray_feed_resumes_exactly_at_another_world_size(ray_driver, tiles):
     cfg = _cfg(tiles)
     full, _, _, _ = _run(cfg, "reader", 2, 6)
     head, _, state, _ = _run(cfg, "ray", 2, 2)
@@ -84,7 +74,7 @@ def test_ray_feed_resumes_exactly_at_another_world_size(local_ray, tiles):
     assert set(counts.values()) <= {2, 3}
 
 
-def test_ray_feed_val_pass(local_ray, tiles):
+def test_ray_feed_val_pass(ray_driver, tiles):
     it = build_iterator(_cfg(tiles), split="val", world_size=1, feed="ray")
     ids = [i for b in it for i in b["sample_id"].tolist()]
     assert ids == [0, 1, 2, 3, -1, 5, 6, 7, 8, 9, -1, -1]  # padded to 3 batches of 4; tile 4 is bad

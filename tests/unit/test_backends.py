@@ -144,6 +144,11 @@ def test_kubernetes_status_logs_follow_stop_call_kubectl(tmp_path: Path) -> None
 
 def test_kubernetes_launch_records_the_rayjob(tmp_path: Path) -> None:
     recipe_path = _write_recipe(tmp_path / "recipe.yaml", tmp_path)
+    doc = yaml.safe_load(recipe_path.read_text())   # what --k8s needs: an image, the data on the mounted storage
+    doc["cluster"]["image"] = "registry.example/encdec:1"
+    for split in ("train", "val"):
+        doc["data"][split]["tiles"] = str(tmp_path / split)
+    recipe_path.write_text(yaml.safe_dump(doc))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
 
@@ -208,3 +213,99 @@ def test_progress_sink_failures_warn_once_then_stay_quiet(caplog: pytest.LogCapt
     assert results == [[], [], [], [], [], [1]] and calls.failures == 5
     (record,) = caplog.records
     assert "reading the progress sink failed (TimeoutError: sink did not answer" in record.getMessage()
+
+
+def _export_beside_run(storage: Path) -> Path:
+    """A run directory (its recipe sizes the job) with an export folder in it; no weights are read here."""
+    run = storage / "run"
+    run.mkdir(parents=True)
+    _write_recipe(run / "recipe.yaml", storage)
+    doc = yaml.safe_load((run / "recipe.yaml").read_text())
+    doc["cluster"]["image"] = "registry.example/encdec:1"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    export = run / "export"
+    export.mkdir()
+    (export / "model.yaml").write_text(yaml.safe_dump({"task": "segmentation", "model": doc["model"]}))
+    (export / "model.safetensors").write_bytes(b"")
+    return export
+
+
+def test_command_argv_rebuilds_a_command_without_its_target_flags(tmp_path: Path) -> None:
+    from encdec.launcher.backends.flags import command_argv
+    from encdec.launcher.cli import build_parser
+
+    args = build_parser().parse_args(["predict", "m", "a.tif", "s3://b/c.tif", "-o", "out", "--slurm", "--nodes", "2",
+                                      "--partition", "gpu", "--set", "tiled.crop=32", "--set", "x=1",
+                                      "--probabilities", "--address", "h:1", "--dry-run"])
+    cwd = Path.cwd()
+    assert command_argv("predict", args, path_dests=("model", "scenes", "output")) == [
+        "encdec-launch", "predict", str(cwd / "m"), str(cwd / "a.tif"), "s3://b/c.tif", "--output", str(cwd / "out"),
+        "--probabilities", "--set", "tiled.crop=32", "--set", "x=1", "--nodes", "2"]
+    args = build_parser().parse_args(["evaluate", "m", "--split", "val", "--k8s", "--probabilities", "float16"])
+    assert command_argv("evaluate", args) == ["encdec-launch", "evaluate", "m", "--split", "val",
+                                              "--probabilities", "float16"]
+
+
+def test_predict_k8s_dry_run_renders_the_predict_command(tmp_path: Path) -> None:
+    """`encdec-launch predict MODEL SCENES -o OUT --k8s --dry-run`: the RayJob runs the predict command."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import jsonschema
+    from test_cluster_yaml import SCHEMA
+
+    storage = tmp_path / "shared"
+    export = _export_beside_run(storage)
+    scene, outside = storage / "scenes" / "a.tif", tmp_path / "b.tif"
+    out = _cli("predict", str(export), str(scene), str(outside), "-o", str(storage / "preds"), "--k8s", "--dry-run",
+               "--nodes", "2", "--set", "tiled.crop=32")
+    assert out.returncode == 0, out.stderr[-3000:]
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    jsonschema.validate(job, SCHEMA)
+    assert shlex.split(job["spec"]["entrypoint"]) == [
+        "encdec-launch", "predict", str(export), str(scene), str(outside), "--output", str(storage / "preds"),
+        "--set", "tiled.crop=32", "--nodes", "2", "--address", "auto"]
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 2   # --nodes sizes the job, not the training recipe's cluster.nodes
+    assert f"entrypoint argument='{outside}' is on no volume the pods mount" in out.stderr
+    assert str(scene) not in out.stderr
+    assert not (storage / "preds").exists()   # a dry run creates nothing
+
+
+def test_predict_on_a_target_needs_a_recipe_for_the_job(tmp_path: Path) -> None:
+    export = _export_beside_run(tmp_path / "shared")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    for name in ("model.yaml", "model.safetensors"):
+        (lone / name).write_bytes((export / name).read_bytes())
+    out = _cli("predict", str(lone), "a.tif", "-o", str(tmp_path / "p"), "--slurm", "--dry-run")
+    assert out.returncode == 3
+    assert "predict on Slurm needs a recipe: its cluster section sizes the job" in out.stderr, out.stderr
+
+
+def test_submit_to_target_makes_the_job_directory_and_keeps_off_another_run(tmp_path: Path) -> None:
+    from encdec.launcher.backends.base import command_entry, submit_to_target
+    from encdec.launcher.recipe.errors import LaunchError
+    from encdec.launcher.recipe.validate import load_recipe
+
+    storage = tmp_path / "shared"
+    doc = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    doc["cluster"].update(storage=str(storage), image="registry.example/encdec:1")
+    for split in ("train", "val"):
+        doc["data"][split]["tiles"] = str(storage / split)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    args = argparse.Namespace(command="recipe", check=[str(storage / "r.yaml")], overrides=[], schema=False,
+                              k8s=True, slurm=False, submit=False, address=None)
+    entry = command_entry("recipe", args, recipe, run_here=lambda: 0, path_dests=("check",), needs_ray_address=False)
+    console = argparse.Namespace(print=lambda *a, **k: None)
+    storage.mkdir()
+    trained = _run_dir(storage, mode="local")   # a training run: its recipe must not be overwritten
+    with pytest.raises(LaunchError, match=r"is the directory of another run .*command 'train'.*Fix: give recipe an "):
+        submit_to_target(entry, args, console, job_dir=trained)
+    job_dir = storage / "check"
+    assert submit_to_target(entry, args, console, job_dir=job_dir) == 0
+    launch = json.loads((job_dir / "launch.json").read_text())
+    assert (launch["mode"], launch["command"], launch["k8s_rayjob"]) == ("k8s", "recipe", "encdec-quickstart")
+    (job,) = [d for d in yaml.safe_load_all((job_dir / "rayjob.yaml").read_text()) if d["kind"] == "RayJob"]
+    assert shlex.split(job["spec"]["entrypoint"]) == ["encdec-launch", "recipe", str(storage / "r.yaml")]
+    assert submit_to_target(entry, args, console, job_dir=job_dir) == 0   # the same command again: its own dir

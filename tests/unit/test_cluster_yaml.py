@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
-from encdec.launcher.backends.k8s import render_rayjob
+from encdec.launcher.backends.k8s import PLACEHOLDER_IMAGE, render_rayjob, unmounted_paths, worker_memory_gib
 from encdec.launcher.recipe.errors import LaunchError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,3 +146,104 @@ def test_accepts_a_pydantic_style_model() -> None:
 
     assert render_rayjob(Model(), recipe_path="/shared/runs/x/recipe.yaml") == render_rayjob(
         _recipe(), recipe_path="/shared/runs/x/recipe.yaml")
+
+
+def test_template_image_is_the_placeholder() -> None:
+    _, job = _docs(RAYJOB_YAML.read_text())
+    spec = job["spec"]["rayClusterSpec"]
+    images = {c["image"] for pod in (spec["headGroupSpec"], *spec["workerGroupSpecs"])
+              for c in pod["template"]["spec"]["containers"]}
+    assert images == {PLACEHOLDER_IMAGE}
+
+
+def test_image_and_memory_come_from_the_recipe_and_plan() -> None:
+    text = render_rayjob(_recipe(image="registry.example/encdec:2"), recipe_path="/shared/runs/x/recipe.yaml",
+                         worker_memory=37)
+    _, job = _docs(text)
+    jsonschema.validate(job, SCHEMA)
+    spec = job["spec"]["rayClusterSpec"]
+    (group,) = spec["workerGroupSpecs"]
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert res["limits"]["memory"] == res["requests"]["memory"] == "37Gi"
+    assert {c["image"] for pod in (spec["headGroupSpec"], group) for c in pod["template"]["spec"]["containers"]} == {
+        "registry.example/encdec:2"}
+    # the plan's estimate per worker (host memory on CPU; the fp32 model on the host on GPU) + 4 GiB, x workers
+    cpu_plan = SimpleNamespace(on_gpu=False, total_params=10**6, chosen_total=lambda: 3 * 2**30)
+    gpu_plan = SimpleNamespace(on_gpu=True, total_params=300 * 10**6, chosen_total=lambda: 60 * 2**30)
+    assert worker_memory_gib(cpu_plan, 2) == 14
+    assert worker_memory_gib(gpu_plan, 8) == 8 * 4 + 9  # ceil(8 * (1.12 + 4))
+
+
+def test_paths_on_no_mounted_volume_are_reported() -> None:
+    recipe = _recipe()
+    recipe["data"] = {"train": {"tiles": "/shared/runs/data/train"}, "val": {"tiles": "/scratch/val"},
+                      "test": {"scenes": ["s3://bucket/a.tif", "/vsis3/bucket/b.tif", "rel/c.tif"]}}
+    text = render_rayjob(recipe, recipe_path="/shared/runs/x/recipe.yaml",
+                         entrypoint=["encdec-launch", "predict", "/shared/runs/x/export", "/data/scene.tif",
+                                     "--output", "/shared/runs/preds"])
+    problems = unmounted_paths(text, recipe)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("data.val.tiles='/scratch/val' is on no volume the pods mount (/etc/encdec, "
+                                  "/shared/runs); fix: put it under cluster.storage (/shared/runs)")
+    assert problems[1].startswith("data.test.scenes[2]='rel/c.tif'")
+    assert problems[2].startswith("entrypoint argument='/data/scene.tif'")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "encdec.launcher.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600, check=False)
+
+
+def test_k8s_dry_run_prints_only_the_manifest_on_stdout(tmp_path: Path) -> None:
+    """`encdec-launch RECIPE --k8s --dry-run | kubectl apply -f -`: stdout is YAML documents KubeRay accepts."""
+    storage = tmp_path / "shared"
+    out = _cli(str(ROOT / "recipes" / "quickstart.yaml"), "--k8s", "--dry-run", "--storage", str(storage),
+               "--set", "cluster.image=registry.example/encdec:1", "--set", f"data.train.tiles={storage}/train",
+               "--set", f"data.val.tiles={tmp_path}/elsewhere/val", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d is not None]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"], out.stdout[:500]
+    cm, job = docs
+    jsonschema.validate(job, SCHEMA)
+    assert cm["apiVersion"] == "v1" and isinstance(cm["data"]["recipe.yaml"], str)
+    spec = job["spec"]["rayClusterSpec"]
+    (group,) = spec["workerGroupSpecs"]
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    memory = int(re.fullmatch(r"(\d+)Gi", limits["memory"]).group(1))  # type: ignore[union-attr]
+    assert 8 <= memory <= 16 and limits["cpu"] == "1"  # 2 workers x (the plan's estimate + 4 GiB); 2 x 0.5 CPU
+    assert group["template"]["spec"]["containers"][0]["image"] == "registry.example/encdec:1"
+    # the plan and the warnings went to stderr
+    assert "parameters" in out.stderr and "parameters" not in out.stdout
+    assert f"data.val.tiles='{tmp_path}/elsewhere/val' is on no volume the pods mount" in out.stderr
+    assert "data.train.tiles" not in out.stderr
+
+
+def test_k8s_launch_refuses_the_placeholder_image(tmp_path: Path) -> None:
+    from encdec.launcher.backends.base import Entry
+    from encdec.launcher.backends.k8s_backend import Kubernetes
+    from encdec.launcher.recipe.validate import load_recipe
+
+    doc = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    doc["cluster"]["storage"] = str(tmp_path / "shared")
+    for split in ("train", "val"):
+        doc["data"][split]["tiles"] = str(tmp_path / "shared" / split)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(doc))
+    recipe = load_recipe(tmp_path / "r.yaml")
+    made: list[Path] = []
+
+    def make_run_dir() -> Path:
+        made.append(tmp_path / "shared" / "run")
+        made[-1].mkdir(parents=True)
+        (made[-1] / "launch.json").write_text("{}")
+        return made[-1]
+
+    entry = Entry(name="probe", recipe=recipe, argv=lambda run_dir, rp: ["encdec-launch", "recipe", rp],
+                  run_here=lambda *a: 0, needs_ray_address=False)
+    with pytest.raises(LaunchError, match=r"cluster.image=None: the pods would run the template's placeholder image "
+                       r"'ghcr.io/your-org/encdec-launch:0.1.0'.*fix: .*set cluster.image: REGISTRY/"):
+        Kubernetes().submit(entry, make_run_dir, SimpleNamespace(print=lambda *a: None))
+    assert made == []  # nothing was created
+    recipe.cluster.image = "registry.example/encdec:1"
+    assert Kubernetes().submit(entry, make_run_dir, SimpleNamespace(print=lambda *a: None)) == 0
+    _, job = _docs((made[0] / "rayjob.yaml").read_text())
+    jsonschema.validate(job, SCHEMA)

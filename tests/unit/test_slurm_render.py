@@ -162,21 +162,21 @@ def test_all_problems_reported_at_once() -> None:
     )
     text = "\n".join(problems)
     assert len(problems) == 8, text
-    assert "cluster.nodes: must be a whole number >= 1; got 0" in text
+    assert "cluster.nodes: must be an int >= 1, got 0 (out of range); fix: write a whole number >= 1" in text
     assert "cluster.slurm.time: 'tomorrow' is not a Slurm time limit" in text and "HH:MM:SS" in text
     assert "cluster.slurm.partition: 'gpu queue'" in text
-    assert "cluster.slurm.signal_grace_s: must be a whole number >= 10 and <= 65535; got 5" in text
+    assert "cluster.slurm.signal_grace_s: must be an int >= 10 and <= 65535, got 5" in text
     assert "cluster.slurm.extra[0]: --nodes is set by encdec-launch; use cluster.nodes or --nodes instead" in text
     assert "cluster.slurm.extra[1]: 'mem=0' is not one sbatch option" in text
     assert "cluster.slurm.extra[2]" in text
-    assert "--cpus-per-task: must be a whole number >= 1; got 0" in text
+    assert "--cpus-per-task: must be an int >= 1, got 0" in text
     assert str(SlurmConfigError(problems)).startswith("Slurm settings have 8 problems:")
 
 
 def test_flag_errors_name_the_flag() -> None:
     problems = _problems(_recipe(), {"time": "25:99:99:99", "nodes": 2.5})
     assert any(p.startswith("--time: '25:99:99:99'") for p in problems)
-    assert any(p.startswith("--nodes: must be a whole number") for p in problems)
+    assert any(p.startswith("--nodes: must be an int >= 1, got 2.5 (a float)") for p in problems)
 
 
 def test_grace_must_fit_the_time_limit() -> None:

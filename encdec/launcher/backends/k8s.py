@@ -2,9 +2,10 @@
 
 The template is a complete, commented manifest; rendering fills in what comes from the recipe: names, the
 resolved recipe (mounted at /etc/encdec/recipe.yaml on the head, where the driver runs), the entrypoint with
-the run directory, one worker pod per node with the node's CPUs and GPUs, and the storage mount at the
-recipe's ``cluster.storage``. Everything else (image, memory, the PersistentVolumeClaim) comes from the
-template or the arguments.
+the run directory, one worker pod per node with the node's CPUs, GPUs and memory (the plan's estimate), the image
+(``cluster.image``) and the storage mount at the recipe's ``cluster.storage``. The PersistentVolumeClaim and the
+head pod's size come from the template or the arguments. :func:`unmounted_paths` lists the paths the job reads
+or writes that no volume of the pods holds.
 """
 
 from __future__ import annotations
@@ -21,9 +22,16 @@ import yaml
 from encdec.launcher.recipe.errors import LaunchError
 from encdec.launcher.recipe.schema import recipe_dict
 
-__all__ = ["RECIPE_MOUNT", "rayjob_template_path", "render_rayjob"]
+__all__ = ["PLACEHOLDER_IMAGE", "RECIPE_MOUNT", "is_placeholder_image", "rayjob_template_path", "render_rayjob",
+           "unmounted_paths", "worker_memory_gib"]
 
 RECIPE_MOUNT = "/etc/encdec"
+#: the template's image: an example name that no registry serves; ``cluster.image`` replaces it
+PLACEHOLDER_IMAGE = "ghcr.io/your-org/encdec-launch:0.1.0"
+GiB = 2**30
+# per training worker, beside what the plan counts: torch/CUDA libraries, the data feed's reader threads and
+# GDAL's block cache, and Ray's per-worker share of the object store (GiB)
+_WORKER_OVERHEAD_GIB = 4
 
 
 def rayjob_template_path() -> Path:
@@ -60,6 +68,72 @@ def _quantity(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def is_placeholder_image(image: str) -> bool:
+    """Whether ``image`` is the template's example image (no registry serves it)."""
+    return image == PLACEHOLDER_IMAGE or "your-org" in image
+
+
+def worker_memory_gib(plan: Any, workers_per_node: int) -> int:
+    """Memory for one worker pod (``workers_per_node`` training workers), in whole GiB, from the plan.
+
+    Host memory per worker: on CPU the plan's estimate for the recipe's strategy (it is host memory there); on GPU
+    each rank still builds the model in fp32 on the host before moving/sharding it (4 bytes per parameter). Plus
+    ``_WORKER_OVERHEAD_GIB`` per worker for the libraries, the data feed and the object store.
+    """
+    per_worker = plan.chosen_total() if not plan.on_gpu else 4 * plan.total_params
+    return math.ceil(workers_per_node * (per_worker / GiB + _WORKER_OVERHEAD_GIB))
+
+
+def _under(path: str, mounts: Sequence[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def _recipe_paths(rec: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(field, path)`` of the files and folders a run reads, as the recipe names them."""
+    out: list[tuple[str, str]] = []
+    data = rec.get("data") or {}
+    for split in ("train", "val", "test"):
+        src = data.get(split) or {}
+        for key in ("tiles", "scenes", "manifest", "image_root", "label_root", "split_file"):
+            values = src.get(key)
+            for i, v in enumerate(values if isinstance(values, list) else [values]):
+                if isinstance(v, str):
+                    out.append((f"data.{split}.{key}" + (f"[{i}]" if isinstance(values, list) else ""), v))
+    if isinstance((rec.get("run") or {}).get("init_from"), str):
+        out.append(("run.init_from", rec["run"]["init_from"]))
+    if isinstance((rec.get("model") or {}).get("backbone_ckpt_path"), str):
+        out.append(("model.backbone_ckpt_path", rec["model"]["backbone_ckpt_path"]))
+    return out
+
+
+def unmounted_paths(manifest: str, recipe: Any) -> list[str]:
+    """The local paths the job reads or writes (the recipe's data and checkpoint paths, the entrypoint's
+    arguments) that are on no volume mounted in the pods: each a line naming it, the mounts and the fix.
+
+    URLs (``s3://``, ``/vsis3/``...) are read over the network and are not listed.
+    """
+    rec = recipe_dict(recipe)
+    docs = [d for d in yaml.safe_load_all(manifest) if d]
+    (job,) = [d for d in docs if d.get("kind") == "RayJob"]
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    # a path must be on a volume of every pod: the driver (head) and the training workers both read it
+    mounts = [[m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])] for pod in pods]
+    storage = str((rec.get("cluster") or {}).get("storage") or "")
+    items = _recipe_paths(rec) + [("entrypoint argument", a) for a in shlex.split(job["spec"]["entrypoint"])
+                                  if a.startswith("/") and not a.startswith(("/vsi", RECIPE_MOUNT))]
+    problems = []
+    for where, path in items:
+        if "://" in path or path.startswith("/vsi"):
+            continue
+        missing = [i for i, m in enumerate(mounts) if not _under(path, m)]
+        if missing:
+            seen = sorted({m for ms in mounts for m in ms if m != "/dev/shm"})
+            problems.append(f"{where}={path!r} is on no volume the pods mount ({', '.join(seen)}); fix: put it "
+                            f"under cluster.storage ({storage}) or add a volume for it to cluster/rayjob.yaml")
+    return problems
+
+
 def render_rayjob(
     recipe: Any,
     *,
@@ -69,6 +143,7 @@ def render_rayjob(
     claim_name: str | None = None,
     template: str | Path | None = None,
     entrypoint: Sequence[str] | None = None,
+    worker_memory: int | None = None,
 ) -> str:
     """The RayJob manifest (with its recipe ConfigMap) that runs ``recipe`` on Kubernetes.
 
@@ -77,10 +152,12 @@ def render_rayjob(
         recipe_path: the run's ``recipe.yaml``; its directory is the run directory (``--run-dir`` of the driver)
             unless ``run_dir`` is given. Default: ``<cluster.storage>/<run.name>``.
         run_dir: the run directory on the shared storage, as the pods see it.
-        image: the container image with encdec-launch installed (default: the template's).
+        image: the container image with encdec-launch installed (default: ``cluster.image``, else the template's
+            placeholder).
         claim_name: the PersistentVolumeClaim mounted at ``cluster.storage`` (default: the template's).
         template: another RayJob template (default :func:`rayjob_template_path`).
         entrypoint: the command the driver pod runs (default: train the mounted recipe in ``run_dir``).
+        worker_memory: memory of a worker pod in GiB (see :func:`worker_memory_gib`); default: the template's.
 
     Raises:
         LaunchError: ``cluster.storage`` is not an absolute path (every pod mounts it at that path).
@@ -99,7 +176,13 @@ def render_rayjob(
     cpus = float(cluster.get("cpus_per_worker") or 1) * per_node
     gpus = math.ceil(float(cluster.get("gpus_per_worker") or 0) * per_node)
 
-    docs = list(yaml.safe_load_all(Path(template or rayjob_template_path()).read_text()))
+    from encdec.config.yaml_load import safe_load_all  # a key given twice in an edited template is refused
+
+    tpl = Path(template or rayjob_template_path())
+    try:
+        docs = list(safe_load_all(tpl.read_text()))
+    except yaml.YAMLError as err:
+        raise LaunchError(f"RayJob template {tpl} is not valid YAML: {' '.join(str(err).split())}") from None
     (config_map,) = [d for d in docs if d.get("kind") == "ConfigMap"]
     (job,) = [d for d in docs if d.get("kind") == "RayJob"]
     job_name = _k8s_name(f"encdec-{name}")
@@ -119,11 +202,14 @@ def render_rayjob(
     resources = worker["containers"][0]["resources"]
     for kind in ("limits", "requests"):
         resources[kind]["cpu"] = _quantity(cpus)
+        if worker_memory:
+            resources[kind]["memory"] = f"{int(worker_memory)}Gi"
         if gpus:
             resources[kind]["nvidia.com/gpu"] = str(gpus)
         else:
             resources[kind].pop("nvidia.com/gpu", None)
 
+    image = image or cluster.get("image")
     for pod in (head, worker):
         for container in pod["containers"]:
             if image:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -39,6 +40,7 @@ class Kubernetes:
     """A KubeRay RayJob: the entry's command is the RayJob's entrypoint on the head pod."""
 
     mode = "k8s"
+    runs_here = False
     writes_synthetic_here = False
     strict_data = False   # the pods read the data, not this machine
 
@@ -48,19 +50,46 @@ class Kubernetes:
     def where(self) -> str:
         return "Kubernetes"
 
-    def preview(self, entry: Entry, run_dir: Path) -> str:
+    @staticmethod
+    def _render(entry: Entry, run_dir: Path) -> tuple[str, list[str]]:
+        """The manifest, and what would stop it from running (placeholder image, paths on no mounted volume)."""
         from encdec.launcher.backends import k8s
 
         argv = entry.argv(run_dir, f"{k8s.RECIPE_MOUNT}/recipe.yaml")
         argv += ["--address", "auto"] if entry.needs_ray_address else []
-        return k8s.render_rayjob(entry.recipe.to_yaml_dict(), run_dir=run_dir, entrypoint=argv)
+        rec = entry.recipe.to_yaml_dict()
+        cluster = rec.get("cluster") or {}
+        memory = None
+        if entry.plan is not None:
+            memory = k8s.worker_memory_gib(entry.plan, int(cluster.get("workers_per_node") or 1))
+        text = k8s.render_rayjob(rec, run_dir=run_dir, entrypoint=argv, worker_memory=memory)
+        problems = k8s.unmounted_paths(text, rec)
+        image = cluster.get("image") or k8s.PLACEHOLDER_IMAGE
+        if k8s.is_placeholder_image(image):
+            problems.insert(0, f"cluster.image={cluster.get('image')!r}: the pods would run the template's placeholder "
+                            f"image {k8s.PLACEHOLDER_IMAGE!r}, which no registry serves; fix: build an image with "
+                            "encdec-launch installed (cluster/README.md), push it and set cluster.image: "
+                            "REGISTRY/encdec-launch:TAG (or --set cluster.image=...)")
+        return text, problems
+
+    def preview(self, entry: Entry, run_dir: Path) -> str:
+        """The manifest (for stdout alone); what would stop it from running is written to stderr."""
+        text, problems = self._render(entry, run_dir)
+        for problem in problems:
+            print(f"warning (--k8s refuses this): {problem}", file=sys.stderr)
+        return text
 
     def submit(self, entry: Entry, make_run_dir: Callable[[], Path], console: Any) -> int:
         from encdec.launcher.rundir import update_launch
 
+        # checked before the run directory exists: the paths do not depend on it (it is under cluster.storage)
+        storage = Path(str(entry.recipe.cluster.storage))
+        _, problems = self._render(entry, storage / "run")
+        if problems:
+            raise LaunchError("the RayJob cannot run as rendered:\n  " + "\n  ".join(problems))
         run_dir = make_run_dir()
         manifest = run_dir / "rayjob.yaml"
-        manifest.write_text(self.preview(entry, run_dir))
+        manifest.write_text(self._render(entry, run_dir)[0])
         (job,) = [d for d in yaml.safe_load_all(manifest.read_text()) if d.get("kind") == "RayJob"]
         meta = job["metadata"]
         update_launch(run_dir, mode=self.mode, k8s_rayjob=meta["name"], k8s_namespace=meta.get("namespace"))

@@ -46,6 +46,7 @@ class LocalRay:
     """A Ray cluster started on this machine for the run (``--simulate-nodes N`` nodes); the entry runs here."""
 
     mode = "local"
+    runs_here = True
     strict_data = True
     writes_synthetic_here = True
 
@@ -69,32 +70,12 @@ class LocalRay:
         return f"run {run.run_dir.name if run.run_dir else '?'}: driver {state}"
 
     def logs(self, run: Run, *, tail: int | None, follow: bool, out: IO[str], poll_s: float = 1.0) -> None:
-        """The run's reports (``metrics.jsonl``, one JSON line per report); ``follow``: until the driver exits."""
+        """The run's driver and worker log lines (``logs/``); ``follow``: until the driver exits."""
+        from encdec.launcher.rundir import print_logs
+
         if run.run_dir is None:
             raise LaunchError("give a run directory")
-        path = run.run_dir / "metrics.jsonl"
-        text = path.read_text() if path.is_file() else ""
-        whole = text[:text.rfind("\n") + 1]  # the driver may be half-way through a line: it is printed when done
-        lines = whole.splitlines()
-        if _tail(lines, tail):
-            out.write("\n".join(_tail(lines, tail)) + "\n")
-        if not follow:
-            return
-        offset = len(whole.encode())
-        while True:
-            alive = driver_alive(run.launch)   # read before the file, so the last lines are not missed
-            if path.is_file():
-                with path.open() as f:
-                    f.seek(offset)
-                    chunk = f.read()
-                # only whole lines: the driver may be half-way through one
-                done = chunk[:chunk.rfind("\n") + 1]
-                offset += len(done.encode())
-                out.write(done)
-                out.flush()
-            if not alive:
-                return
-            time.sleep(poll_s)
+        print_logs(run.run_dir, tail=tail, follow=follow, out=out, alive=lambda: driver_alive(run.launch), poll_s=poll_s)
 
     def stop(self, run: Run) -> str:
         alive = driver_alive(run.launch)
@@ -118,6 +99,7 @@ class RayJob:
     """A Ray Job (``--submit`` to ``--address``): the entry's command runs on the cluster's head node."""
 
     mode = "ray-job"
+    runs_here = False
     strict_data = False   # the cluster reads the data, not this machine
     writes_synthetic_here = True   # the submitter writes them to the storage the job reads
 

@@ -258,7 +258,8 @@ def submit(
     script.chmod(0o755)
     proc = _run(["sbatch", "--parsable", *sbatch_args, str(script)])
     if proc.returncode != 0:
-        raise SlurmError(f"sbatch refused {script}: {proc.stderr.strip() or proc.stdout.strip()}")
+        said = "; ".join(line.strip() for line in (proc.stderr.strip() or proc.stdout.strip()).splitlines())
+        raise SlurmError(f"sbatch refused {script}: {said}")
     job_id = proc.stdout.strip().split(";")[0]
     job = SlurmJob(job_id=job_id, script=script, run_dir=run_dir)
     record = {"launcher": "slurm", **{k: str(v) if isinstance(v, Path) else v for k, v in asdict(job).items()}}

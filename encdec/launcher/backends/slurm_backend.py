@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,10 +26,26 @@ def _driver(entry: Entry, run_dir: Path) -> list[str]:
     return ["bash", "-c", shlex.join(argv), "encdec-job"]
 
 
+_LAUNCH_FILES = {"recipe.yaml", "launch.json", "versions.json", "slurm"}
+
+
+def _discard_unsubmitted(run_dir: Path) -> bool:
+    """Remove a run directory this launch just made (only its own files; never a resumed run's)."""
+    from encdec.launcher.rundir import read_launch
+
+    names = {p.name for p in run_dir.iterdir()}
+    own_slurm = not (run_dir / "slurm").exists() or {p.name for p in (run_dir / "slurm").iterdir()} <= {"job.sbatch"}
+    if names - _LAUNCH_FILES or not own_slurm or "resumed" in read_launch(run_dir):
+        return False
+    shutil.rmtree(run_dir)
+    return True
+
+
 class Slurm:
     """A Slurm batch job (``sbatch``), one Ray node per Slurm node."""
 
     mode = "slurm"
+    runs_here = False
     writes_synthetic_here = False
     strict_data = False   # the nodes read the data, not this machine
 
@@ -44,16 +61,26 @@ class Slurm:
     def preview(self, entry: Entry, run_dir: Path) -> str:
         from encdec.launcher.backends import slurm
 
-        return slurm.render_sbatch(entry.recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"),
-                                   flags=self._flags(), run_dir=run_dir, driver=_driver(entry, run_dir))
+        try:
+            return slurm.render_sbatch(entry.recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"),
+                                       flags=self._flags(), run_dir=run_dir, driver=_driver(entry, run_dir))
+        except slurm.SlurmConfigError as err:
+            raise LaunchError(" ".join(str(err).split())) from None
 
     def submit(self, entry: Entry, make_run_dir: Callable[[], Path], console: Any) -> int:
         from encdec.launcher.backends import slurm
         from encdec.launcher.rundir import update_launch
 
         run_dir = make_run_dir()
-        job = slurm.submit(entry.recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"),
-                           flags=self._flags(), run_dir=run_dir, driver=_driver(entry, run_dir))
+        try:
+            job = slurm.submit(entry.recipe.to_yaml_dict(), recipe_path=str(run_dir / "recipe.yaml"),
+                               flags=self._flags(), run_dir=run_dir, driver=_driver(entry, run_dir))
+        except (slurm.SlurmError, slurm.SlurmConfigError) as err:
+            # nothing was queued: a new run directory holding only the launch's own files would be an orphan
+            what = "removed" if _discard_unsubmitted(run_dir) else "kept (it holds an earlier run)"
+            msg = " ".join(str(err).split()).replace(str(run_dir / "slurm" / "job.sbatch"), "the job")
+            raise LaunchError(f"{msg}; nothing was submitted, the run directory {run_dir} was {what}; "
+                              "see the script with --dry-run --slurm") from None
         update_launch(run_dir, mode=self.mode, slurm_job_id=job.job_id)
         console.print(f"submitted Slurm job {job.job_id}; follow it with `encdec-launch status|logs|stop {run_dir}`")
         return 0

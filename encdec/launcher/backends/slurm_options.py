@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from encdec.config import ClusterSection, SlurmSection
+from encdec.config.checks import int_problem, is_number
 from encdec.launcher.recipe.schema import recipe_dict
 
 __all__ = ["FLAG_NAMES", "SlurmConfigError", "SlurmOptions", "current_venv", "parse_time_limit", "resolve_options"]
@@ -116,10 +117,10 @@ def parse_time_limit(text: str) -> int | None:
 
 
 def _int_field(problems: list[str], where: str, value: Any, low: int, high: int | None = None) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < low \
-            or (high is not None and value > high):
-        allowed = f"a whole number >= {low}" + (f" and <= {high}" if high is not None else "")
-        problems.append(f"{where}: must be {allowed}; got {value!r}")
+    # a recipe dict may hold 2.0 for a count (JSON/YAML writers do), so whole floats pass
+    problem = int_problem(value, f"{where}:", minimum=low, maximum=high, whole_floats=True)
+    if problem is not None:
+        problems.append(problem)
         return None
     return int(value)
 
@@ -208,9 +209,9 @@ def resolve_options(recipe: Any, flags: Any = None) -> SlurmOptions:
     store = fl.get("ray_object_store_mb")
     store = _int_field(problems, "--ray-object-store-mb", store, 80) if store is not None else None
     ray_cpus = fl.get("ray_num_cpus")
-    if ray_cpus is not None and (isinstance(ray_cpus, bool) or not isinstance(ray_cpus, (int, float))
-                                 or ray_cpus <= 0):
-        problems.append(f"--ray-num-cpus: must be a number > 0; got {ray_cpus!r}")
+    if ray_cpus is not None and (not is_number(ray_cpus) or ray_cpus <= 0):
+        problems.append(f"--ray-num-cpus: must be a number > 0, got {ray_cpus!r}; fix: the CPUs Ray may use per node, "
+                        "e.g. 8 or 0.5")
     venv = fl.get("venv") or current_venv()
 
     if problems:

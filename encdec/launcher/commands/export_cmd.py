@@ -6,8 +6,9 @@ a resume would (same build order: build -> pretrained weights -> qkv split + PEF
 and q/k/v re-fused (``encdec.models.export.merge_and_export``). Written to ``RUN_DIR/export/``:
 
 * ``model.safetensors``: the plain state dict (``strict=True`` into the model block below);
-* ``model.yaml``: ``task``, the ``model`` block without ``peft_config`` (what builds the plain model) and the
-  ``data`` block predict preprocesses scenes with (:func:`inference_data`);
+* ``model.yaml``: ``task``, the ``model`` block without ``peft_config`` (what builds the plain model), the
+  ``data`` block predict preprocesses scenes with (:func:`inference_data`) and ``class_names`` when the recipe
+  names them (``data.class_names``);
 * ``prithvi_backbone.safetensors`` with ``--official-prithvi``: the backbone in the official key layout.
 """
 
@@ -22,7 +23,7 @@ import yaml
 
 from encdec.launcher.recipe.errors import LaunchError
 
-__all__ = ["export_command", "export_run", "inference_data", "pick_checkpoint"]
+__all__ = ["checkpoint_arg", "export_command", "export_run", "inference_data", "official_prithvi_check", "pick_checkpoint"]
 
 
 def pick_checkpoint(run_dir: Path, recipe: Any) -> Path:
@@ -38,6 +39,32 @@ def pick_checkpoint(run_dir: Path, recipe: Any) -> Path:
         raise LaunchError(f"{run_dir} has no complete checkpoint under checkpoints/; train first "
                           f"(encdec-launch --resume {run_dir})")
     return ckpt
+
+
+def checkpoint_arg(run_dir: Path, checkpoint: str | Path) -> Path:
+    """``--checkpoint``: a complete checkpoint directory, given as a path or by its name under RUN/checkpoints."""
+    from encdec.train.checkpoint import is_complete, list_checkpoints
+
+    given = Path(checkpoint)
+    for candidate in (given, run_dir / "checkpoints" / given):
+        if candidate.is_dir() and is_complete(candidate):
+            return candidate
+    names = [p.name for _, p in list_checkpoints(run_dir / "checkpoints")]
+    found = "incomplete (no finished meta.json)" if any(c.is_dir() for c in (given, run_dir / "checkpoints" / given)) \
+        else "not found"
+    raise LaunchError(f"--checkpoint {checkpoint}: {found}; the run's complete checkpoints are "
+                      f"{', '.join(names) if names else 'none yet'} (give one of them, or leave --checkpoint out "
+                      "for the best, else the latest)")
+
+
+def official_prithvi_check(recipe: Any) -> None:
+    """``--official-prithvi`` writes the backbone in the official Prithvi-EO-2.0 key layout: Prithvi models only."""
+    from encdec.models.backbones.prithvi import VARIANTS
+
+    name = recipe.model.backbone
+    if name not in VARIANTS:
+        raise LaunchError(f"--official-prithvi: model.backbone={name!r} is not a Prithvi-EO-2.0 backbone (allowed: "
+                          f"{', '.join(VARIANTS)}); drop the flag, the export's model.safetensors holds the whole model")
 
 
 def _single_process_group() -> None:
@@ -100,7 +127,9 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
     if not is_run_dir(run_dir):
         raise LaunchError(f"{run_dir} is not a run directory (no {RECIPE_FILE})")
     recipe = load_recipe(run_dir / RECIPE_FILE)
-    ckpt = Path(checkpoint) if checkpoint else pick_checkpoint(run_dir, recipe)
+    if official_prithvi:
+        official_prithvi_check(recipe)
+    ckpt = checkpoint_arg(run_dir, checkpoint) if checkpoint else pick_checkpoint(run_dir, recipe)
     module = restore(run_dir, recipe, ckpt)
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in merge_and_export(module).items()}
     plain_section = recipe.model.without_peft()
@@ -116,7 +145,10 @@ def export_run(run_dir: str | Path, *, checkpoint: str | Path | None = None, out
     tmp = out_dir / "model.safetensors.part"
     save_file(state, str(tmp), metadata={"run": run_dir.name, "checkpoint": ckpt.name, "task": recipe.task})
     os.replace(tmp, target)
-    doc = {"task": recipe.task, "model": {**plain_block, "backbone_pretrained": False}, "data": inference_data(recipe)}
+    doc: dict[str, Any] = {"task": recipe.task, "model": {**plain_block, "backbone_pretrained": False},
+                           "data": inference_data(recipe)}
+    if recipe.data.class_names:  # predict reads them for its tags, legends and probability bands
+        doc["class_names"] = list(recipe.data.class_names)
     (out_dir / "model.yaml").write_text(
         f"# load with: build_model(task, **model) then load_state_dict(safetensors.torch.load_file("
         f"'{target.name}'), strict=True)\n# from {ckpt}\n" + yaml.safe_dump(doc, sort_keys=False)

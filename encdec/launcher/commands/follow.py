@@ -52,6 +52,11 @@ def status_command(args: argparse.Namespace) -> int:
     """Print the state of a run or job."""
     run = _target(args)
     print(backend_for_run(run).status(run))
+    from encdec.launcher.rundir import describe_status
+
+    recorded = describe_status(run.run_dir)  # status.json: the state the run recorded and why it ended
+    if recorded:
+        print(recorded)
     msg = _last_metrics(run.run_dir)
     if msg:
         print(msg)

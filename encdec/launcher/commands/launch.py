@@ -25,12 +25,9 @@ __all__ = ["load_for_run", "plan_command", "recipe_command", "run_command", "tra
 
 
 def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
+    from encdec.launcher.report import make_console
 
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:  # logs and CI: do not cut paths at 80 columns
-        console = Console(stderr=stderr, highlight=False, width=160)
-    return console
+    return make_console(stderr=stderr)  # logs and CI: no colour codes, paths not cut at 80 columns
 
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -83,6 +80,8 @@ def load_for_run(args: argparse.Namespace) -> tuple[Any, Path | None, str]:
             raise LaunchError(f"--resume {args.resume}: not a run directory (no {RECIPE_FILE}); give the directory "
                               "a launch created, e.g. runs/quickstart-20250101-120000")
         recipe_path = str(existing / RECIPE_FILE)  # the run's own resolved recipe; --set may still extend it
+        if args.recipe:
+            _same_recipe_or_refuse(args, existing)
     elif getattr(args, "run_dir", None):
         existing = Path(args.run_dir).resolve()
         if recipe_path is None:
@@ -92,6 +91,36 @@ def load_for_run(args: argparse.Namespace) -> tuple[Any, Path | None, str]:
     recipe = load_recipe(recipe_path, args.overrides, flags=_flags(args))
     absolutize_paths(recipe, Path.cwd())
     return recipe, existing, recipe_path
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: data}
+
+
+def _same_recipe_or_refuse(args: argparse.Namespace, run_dir: Path) -> None:
+    """``RECIPE --resume RUN``: a resumed run continues with its own ``recipe.yaml``; a RECIPE that says otherwise
+    would be silently ignored, so it must match (both with the same ``--set``/flags applied)."""
+    from encdec.launcher.recipe.validate import load_recipe
+    from encdec.launcher.rundir import RECIPE_FILE
+
+    given = load_recipe(args.recipe, args.overrides, flags=_flags(args))
+    absolutize_paths(given, Path.cwd())
+    run = load_recipe(run_dir / RECIPE_FILE, args.overrides, flags=_flags(args))
+    absolutize_paths(run, Path.cwd())  # as load_for_run does (a run's own recipe is absolute already)
+    mine, theirs = _leaves(run.to_yaml_dict()), _leaves(given.to_yaml_dict())
+    differ = [k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} (run: {mine.get(k)!r}, {Path(args.recipe).name}: {theirs.get(k)!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise LaunchError(f"--resume {args.resume} continues with the run's own {run_dir / RECIPE_FILE}, but "
+                          f"{args.recipe} differs at {shown}{more}; change a value of the resumed run with --set "
+                          f"KEY=VALUE (recorded in its recipe.yaml), or drop --resume to start a new run from "
+                          f"{args.recipe}")
 
 
 def prepare_synthetic(recipe: Any, console: Any) -> None:
@@ -140,14 +169,21 @@ def recipe_command(args: argparse.Namespace) -> int:
     if not args.check:
         print("give --schema or recipe files to check", file=sys.stderr)
         return 2
+    from encdec.launcher.preflight.static_checks import DRY_RUN_ONLY, STATIC_CHECKS, static_checks
+
     status = 0
     for path in args.check:
         try:
-            load_recipe(path, args.overrides)
-            print(f"{path}: ok")
+            recipe = load_recipe(path, args.overrides)
+            issues = static_checks(recipe)  # registry names, backbone_* names, channels: no model build
+            if issues:
+                raise recipe.error(issues)
+            print(f"{path}: ok ({STATIC_CHECKS})")
         except RecipeError as err:
             print(str(err), file=sys.stderr)
             status = 2
+    if status == 0:
+        print(f"not checked here, only by --dry-run or `encdec-launch plan`: {DRY_RUN_ONLY}")
     return status
 
 
@@ -188,7 +224,7 @@ def train_entry(recipe: Any, plan: Any) -> Entry:
         # the run directory is made once the cluster is known to fit the recipe
         return run_on_ray(recipe, make_run_dir, plan, args, console)
 
-    return Entry(name="train", recipe=recipe, argv=argv, run_here=run_here)
+    return Entry(name="train", recipe=recipe, argv=argv, run_here=run_here, plan=plan)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -212,18 +248,20 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         if recipe.cluster.gpus_per_worker is None:  # auto: shown as this machine would decide it
             recipe.cluster.gpus_per_worker = 1.0 if plan.on_gpu else 0.0
-        render_plan(plan, console, title=Path(recipe_path).name)
         preview = existing or Path(recipe.cluster.storage) / f"{recipe.run.name}-<timestamp>"
-        render_launch(console, scaling_spec(recipe), run_spec(recipe, preview), backend.where())
+        script = backend.preview(entry, preview)
+        # a script or manifest is stdout's only content (`--k8s --dry-run | kubectl apply -f -`); the rest: stderr
+        shown = _console(stderr=True) if script is not None else console
+        render_plan(plan, shown, title=Path(recipe_path).name)
+        render_launch(shown, scaling_spec(recipe), run_spec(recipe, preview), backend.where())
         local_nodes = args.simulate_nodes or 1
         if backend.mode == "local" and recipe.cluster.nodes > local_nodes:
-            console.print(f"[yellow]note:[/yellow] the local cluster has {local_nodes} node(s) but the recipe asks for "
-                          f"{recipe.cluster.nodes}: launch with --slurm, --address HOST:PORT (an existing cluster) or "
-                          f"--simulate-nodes {recipe.cluster.nodes} (all on this machine)")
-        script = backend.preview(entry, preview)
+            shown.print(f"[yellow]note:[/yellow] the local cluster has {local_nodes} node(s) but the recipe asks for "
+                        f"{recipe.cluster.nodes}: launch with --slurm, --address HOST:PORT (an existing cluster) or "
+                        f"--simulate-nodes {recipe.cluster.nodes} (all on this machine)")
+        check_data(recipe, shown, strict=backend.strict_data)
         if script is not None:
-            print(script)
-        check_data(recipe, _console(stderr=True) if script is not None else console, strict=backend.strict_data)
+            sys.stdout.write(script if script.endswith("\n") else script + "\n")
         return 0
     check_data(recipe, console, strict=backend.strict_data)
     for w in plan.warnings:
@@ -241,7 +279,7 @@ def run_command(args: argparse.Namespace) -> int:
 
 def open_run_dir(recipe: Any, existing: Path | None, mode: str) -> Path:
     """The run directory: ``existing`` (continued; created with the recipe if empty), else a new one."""
-    from encdec.launcher.rundir import new_run_dir, update_launch, write_run_files
+    from encdec.launcher.rundir import new_run_dir, record_recipe, update_launch, write_run_files
 
     if existing is None:
         run_dir = new_run_dir(recipe.cluster.storage, recipe.run.name)
@@ -251,5 +289,9 @@ def open_run_dir(recipe: Any, existing: Path | None, mode: str) -> Path:
     if not (existing / "recipe.yaml").is_file():
         write_run_files(existing, recipe.to_yaml_dict(), {"mode": mode})
     else:
-        update_launch(existing, resumed=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        # --resume RUN --set k=v: the run now trains with the new values, so its recipe.yaml says so (a Slurm or
+        # Kubernetes job reads that file); the replaced one stays as recipe.prev-N.yaml
+        prev = record_recipe(existing, recipe.to_yaml_dict())
+        changed = {"recipe_replaced": prev.name} if prev is not None else {}
+        update_launch(existing, resumed=time.strftime("%Y-%m-%dT%H:%M:%S"), **changed)
     return existing

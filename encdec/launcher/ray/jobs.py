@@ -89,10 +89,30 @@ def submit_job(recipe: Any, run_dir: Path, url: str,
     else:
         entrypoint = shlex.join(argv(recipe_arg))
     client = client_for(url)
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                               submission_id=f"encdec-{run_dir.name}", metadata={"run_dir": str(run_dir)})
+    submission_id = _free_submission_id(client, f"encdec-{run_dir.name}")
+    try:
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                                   metadata={"run_dir": str(run_dir)})
+    except RuntimeError as err:  # the Jobs API answers errors as a server traceback: keep its last line
+        lines = [ln.strip(" .") for ln in str(err).strip().splitlines() if ln.strip(" .")]
+        raise LaunchError(f"the Ray Jobs API at {url} refused job {submission_id}: {lines[-1] if lines else err}. "
+                          f"Fix: check the cluster (`ray status`, its dashboard) and submit again.") from None
     update_launch(run_dir, mode="ray-job", job_id=job_id, dashboard=url)
     return str(job_id)
+
+
+def _free_submission_id(client: Any, base: str) -> str:
+    """``base``, or ``base-2``, ``base-3``... when earlier jobs of the same folder (a rerun of predict into its
+    output folder, a resumed run) hold it: Ray refuses a submission id it has seen."""
+    try:
+        taken = {j.submission_id for j in client.list_jobs()}
+    except Exception:  # listing is a courtesy; the submission itself reports a real problem
+        return base
+    n, sid = 1, base
+    while sid in taken:
+        n += 1
+        sid = f"{base}-{n}"
+    return sid
 
 
 def follow_job(client: Any, job_id: str, *, out: Any = sys.stdout, poll_s: float = 2.0) -> str:

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +21,11 @@ __all__ = ["connect", "finish_run", "run_on_ray"]
 
 def connect(args: argparse.Namespace, recipe: Any, console: Any) -> tuple[Any, str | None]:
     """Start the local cluster (unless ``--address``) and ``ray.init`` to it. Returns (local cluster, dashboard)."""
-    from encdec.launcher.ray.ray_auth import auth_env
+    from encdec.launcher.ray.ray_auth import auth_env, dashboard_line
 
     auth_env()  # before `import ray`: Ray reads RAY_AUTH_MODE when it loads
+    if not sys.stderr.isatty():  # worker lines Ray prints here: no colour codes around their prefix in a log
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
     from encdec.launcher.ray.ray_cluster import STATE_TRACKING_ENV, LocalRayCluster
@@ -44,7 +47,7 @@ def connect(args: argparse.Namespace, recipe: Any, console: Any) -> tuple[Any, s
             cluster.stop()
             raise
         address, dashboard = cluster.gcs_address, cluster.dashboard_url
-        console.print(f"Ray cluster up in {time.perf_counter() - t0:.0f} s; dashboard: {dashboard}")
+        console.print(f"Ray cluster up in {time.perf_counter() - t0:.0f} s; {dashboard_line(dashboard)}")
     try:
         ctx = ray.init(address=address, runtime_env=recipe.cluster.runtime_env or None,
                        log_to_driver=bool(args.no_progress), logging_level=logging.WARNING,
@@ -56,7 +59,7 @@ def connect(args: argparse.Namespace, recipe: Any, console: Any) -> tuple[Any, s
     url = getattr(ctx, "dashboard_url", None)
     if dashboard is None and url:
         dashboard = url if url.startswith("http") else f"http://{url}"
-        console.print(f"dashboard: {dashboard}")
+        console.print(dashboard_line(dashboard))
     return cluster, dashboard
 
 
@@ -68,15 +71,20 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
     import ray
 
     from encdec.launcher.ray.driver import check_capacity, check_shared_storage, fit
-    from encdec.launcher.report import Progress
-    from encdec.launcher.rundir import update_launch
+    from encdec.launcher.report import Progress, RunLog, error_reason
+    from encdec.launcher.rundir import update_launch, write_status
 
     outcome = None
     run_dir: Path | None = None
     tracker = None
+    runlog: RunLog | None = None
     try:
         check_capacity(recipe)
         run_dir = make_run_dir()
+        runlog = RunLog(run_dir)
+        write_status(run_dir, "running", f"{recipe.cluster.world_size} workers, {recipe.train.max_steps} steps")
+        runlog.line(f"run {run_dir.name}: {recipe.cluster.world_size} workers on {recipe.cluster.nodes} node(s), "
+                    f"{recipe.train.max_steps} steps")
         check_shared_storage(run_dir, recipe.cluster.nodes)
         update_launch(run_dir, dashboard=dashboard, ray_address=ray.get_runtime_context().gcs_address,
                       driver_pid=os.getpid())
@@ -88,17 +96,33 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
         with Progress(total, enabled=not args.no_progress) as progress:
             def on_metrics(m: dict[str, Any]) -> None:
                 progress.update(m)
+                runlog.line(progress.line())  # type: ignore[union-attr]
                 if tracker is not None:
                     tracker.log(m)
 
-            outcome = fit(recipe, run_dir, on_metrics=on_metrics,
-                          on_stop_requested=lambda: progress.message(
-                              "stop requested: the workers checkpoint and return (Ctrl-C again to abort)"))
+            def on_stop() -> None:
+                msg = "stop requested: the workers checkpoint and return (Ctrl-C again to abort)"
+                progress.message(msg)
+                runlog.line(msg)  # type: ignore[union-attr]
+
+            outcome = fit(recipe, run_dir, on_metrics=on_metrics, on_stop_requested=on_stop)
     except KeyboardInterrupt:
         console.print("aborted (second Ctrl-C): no checkpoint was written for the current step")
+        if run_dir is not None:
+            write_status(run_dir, "stopped", "aborted by a second Ctrl-C: no checkpoint for the current step")
         if tracker is not None:
             tracker.finish("failed")
+        if runlog is not None:
+            runlog.close()
         return 130
+    except BaseException as err:  # recorded, then raised as before (the CLI prints it)
+        if run_dir is not None:
+            reason, full = error_reason(err)
+            write_status(run_dir, "failed", reason, error=full)
+            if runlog is not None:
+                runlog.line(f"the run failed: {full}", logging.ERROR)
+                runlog.close()
+        raise
     finally:
         if run_dir is not None:
             # In a Ray Job the working directory is the job's runtime_env copy, which Ray deletes once this driver
@@ -116,13 +140,25 @@ def run_on_ray(recipe: Any, make_run_dir: Callable[[], Path], plan: Any, args: a
             else:
                 cluster.stop()
     assert run_dir is not None  # set before fit, and fit ran (errors before it raised)
-    return finish_run(recipe, run_dir, outcome, console, tracker=tracker)
+    try:
+        return finish_run(recipe, run_dir, outcome, console, tracker=tracker, runlog=runlog)
+    finally:
+        if runlog is not None:
+            runlog.close()
 
 
-def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any, tracker: Any = None) -> int:
-    """metrics.csv, the plot, the export and the summary. Returns the exit status."""
-    from encdec.launcher.report import metric_rows, plot_metrics, skipped_tiles, summary_table, write_metrics_csv
-    from encdec.launcher.rundir import latest_checkpoint
+def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any, tracker: Any = None,
+               runlog: Any = None) -> int:
+    """metrics.csv, the plot, the export, ``status.json`` and the summary. Returns the exit status."""
+    from encdec.launcher.report import (
+        end_of_run,
+        metric_rows,
+        plot_metrics,
+        skipped_tiles,
+        summary_table,
+        write_metrics_csv,
+    )
+    from encdec.launcher.rundir import latest_checkpoint, write_status
 
     rows = metric_rows(run_dir / "metrics.jsonl")
     csv_path = write_metrics_csv(rows, run_dir / "metrics.csv") if rows else None
@@ -174,7 +210,18 @@ def finish_run(recipe: Any, run_dir: Path, outcome: Any, console: Any, tracker: 
                                  "model": export_path.parent if export_path else None})
         summary.append(("tracking", ", ".join(s.name for s in tracker.sinks) + (
             f" ({len(tracker.problems)} problem(s), printed above)" if tracker.problems else "")))
-    console.print(summary_table("summary", summary))
+    state, reason, details = end_of_run(failed=outcome.error if failed else None, stopped=bool(outcome and outcome.stopped),
+                                        rows=rows, max_steps=recipe.train.max_steps, skips=skips,
+                                        early_stop=recipe.train.early_stop)
+    write_status(run_dir, state, reason, **details)
+    if runlog is not None:
+        for key, value in summary:
+            runlog.line(f"summary: {key}: {value}")
+        runlog.line(f"{state}: {reason}" + (f"\n{details['error']}" if "error" in details else ""),
+                    logging.ERROR if state == "failed" else logging.INFO)
+    from encdec.launcher.report import SUMMARY_WIDTH
+
+    console.print(summary_table("summary", summary), width=None if console.is_terminal else SUMMARY_WIDTH)
     if first_skips:
         console.print(f"[yellow]skipped tiles[/yellow], first: {'; '.join(first_skips)}; all in "
                       f"{run_dir / 'skipped_tiles.csv'}", highlight=False)

@@ -22,7 +22,7 @@ import secrets
 from collections.abc import MutableMapping
 from pathlib import Path
 
-__all__ = ["auth_env", "config_dir", "ensure_token_file", "read_token"]
+__all__ = ["auth_env", "config_dir", "dashboard_line", "ensure_token_file", "read_token"]
 
 
 def config_dir() -> Path:
@@ -93,6 +93,20 @@ def _refresh_ray_config() -> None:
         AuthenticationTokenLoader.instance().reset_cache()
     except Exception:  # an older Ray without token auth: nothing to refresh
         pass
+
+
+def dashboard_line(url: str) -> str:
+    """``dashboard: URL`` and how to get in: with token auth the dashboard answers 401 without the token, so the
+    line names the token's file (never the token itself)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return f"dashboard: {url}"
+    path = ensure_token_file(create=False)
+    if path is not None:
+        return (f"dashboard: {url} (token auth: sign in with the token in {path}; HTTP clients send "
+                "'Authorization: Bearer <token>')")
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return f"dashboard: {url} (token auth: sign in with the token in $RAY_AUTH_TOKEN)"
+    return f"dashboard: {url}"
 
 
 def read_token() -> str | None:

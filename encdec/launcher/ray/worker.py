@@ -10,11 +10,15 @@ they are reported with ``NO_UPLOAD``: Ray records them without copying, and rete
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from encdec.config.checks import is_number
 
 __all__ = ["train_loop_per_worker"]
 
@@ -41,7 +45,7 @@ class _Gauges:
     def set(self, metrics: dict[str, Any]) -> None:
         for key, gauge in self.gauges.items():
             value = metrics.get(key)
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_number(value):
                 gauge.set(float(value), tags=self.tags)
 
 
@@ -110,6 +114,18 @@ def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+def _log_file(run_dir: Path, rank: int) -> logging.Handler:
+    """This worker's ``encdec`` log lines (INFO and up) in ``RUN_DIR/logs/rank<N>.log`` (``encdec-launch logs``)."""
+    (run_dir / "logs").mkdir(exist_ok=True)
+    handler = logging.FileHandler(run_dir / "logs" / f"rank{rank}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("encdec")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)  # the console still gets WARNING and up only (Python's last-resort handler)
+    logger.addHandler(handler)
+    return handler
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function.
 
@@ -162,11 +178,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return checked["stop"]
 
     resume = str(run_dir) if latest_checkpoint(run_dir) is not None else None
-    final = train(  # the engine ignores init_from when it resumes (the run's own checkpoint wins)
-        task=config["task"], model=config["model"], loss=config["loss"], data=config["data"], optim=config["optim"],
-        train=config["train"], seed=int(config["seed"]), run_dir=str(run_dir), resume=resume, report=report,
-        stop_requested=stop_requested, init_from=config.get("init_from"),
-    )
+    handler = _log_file(run_dir, rank)
+    try:
+        final = train(  # the engine ignores init_from when it resumes (the run's own checkpoint wins)
+            task=config["task"], model=config["model"], loss=config["loss"], data=config["data"],
+            optim=config["optim"], train=config["train"], seed=int(config["seed"]), run_dir=str(run_dir),
+            resume=resume, report=report, stop_requested=stop_requested, init_from=config.get("init_from"),
+        )
+    except BaseException:
+        # into this rank's log only: Ray prints the traceback on the console itself
+        handler.handle(logging.LogRecord("encdec.worker", logging.ERROR, __file__, 0, "rank %d failed", (rank,),
+                                         sys.exc_info()))
+        raise
+    finally:
+        logging.getLogger("encdec").removeHandler(handler)
+        handler.close()
     peak = _peak_memory()
     pid_file.write_text(json.dumps({**record, **peak, "final_step": final.get("step")}))
     if sink is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from encdec.config.yaml_load import safe_load
 from encdec.launcher.recipe.errors import LineMap, RecipeIssue, format_path
 
 __all__ = ["FLAG_LABELS", "FLAG_PATHS", "apply_flags", "apply_overrides", "parse_override", "parse_path", "set_path"]
@@ -64,7 +65,7 @@ def parse_override(text: str) -> tuple[tuple[str | int, ...], Any]:
         raise OverrideError(f"'{text}' has no '='; write --set section.key=value (e.g. --set optim.lr=3e-4)")
     path = parse_path(key.strip())
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_load(raw) if raw.strip() else None   # a duplicate key in {a: 1, a: 2} is refused too
     except yaml.YAMLError as err:
         raise OverrideError(f"the value '{raw}' is not valid YAML ({err}); quote it or fix the brackets") from None
     if isinstance(value, str) and _looks_numeric(value):

@@ -25,7 +25,7 @@ from encdec.launcher.recipe.errors import (
 )
 from encdec.launcher.recipe.schema import Recipe
 
-__all__ = ["cross_checks", "field_at", "load_recipe", "read_recipe_data", "recipe_from_dict"]
+__all__ = ["cross_checks", "field_at", "load_recipe", "read_recipe_data", "read_yaml_file", "recipe_from_dict"]
 
 
 # --------------------------------------------------------------------------------------------- cross-field rules
@@ -59,6 +59,14 @@ def cross_checks(recipe: Recipe) -> list[RecipeIssue]:
                         f"has {len(loss.class_weights)} weights but model.num_classes is {m.num_classes}",
                         loss.class_weights, fix=f"give exactly {m.num_classes} weights, or null")
         )
+    names = recipe.data.class_names
+    if names is not None and task not in ("segmentation", "classification"):
+        issues.append(RecipeIssue(("data", "class_names"), f"class names do not apply to task '{task}'", names,
+                                  fix="remove data.class_names"))
+    elif names is not None and m.num_classes is not None and len(names) != m.num_classes:
+        issues.append(RecipeIssue(("data", "class_names"),
+                                  f"has {len(names)} names but model.num_classes is {m.num_classes}", names,
+                                  fix=f"give exactly {m.num_classes} names in label order, or remove it"))
     bb_bands = m.backbone_arg("bands")
     if bb_bands is not None and [str(b) for b in bb_bands] != [str(b) for b in recipe.data.bands]:
         issues.append(
@@ -224,15 +232,28 @@ def recipe_from_dict(data: Any, *, lines: LineMap | None = None, source: str | N
 
 def read_recipe_data(path: str | Path) -> tuple[dict[str, Any], LineMap]:
     """Parse a recipe file into plain data plus its line map (YAML errors become a RecipeError)."""
+    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, duplicate_keys, read_text, safe_load
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(
             [RecipeIssue((), "file not found", str(path), fix="check the path; shipped recipes are in recipes/")],
             str(path),
         )
-    text = path.read_text()
     try:
-        data = yaml.safe_load(text)
+        text = read_text(path, "recipe")
+    except NotTextError as err:
+        raise RecipeError([RecipeIssue((), str(err).replace(f"recipe {path} ", "", 1), has_value=False,
+                                       fix="give a recipe .yaml file; shipped recipes are in recipes/")],
+                          str(path)) from None
+    try:
+        data = safe_load(text)
+    except DuplicateKeyError:
+        # every duplicate at once, each at its own path and line (the last would silently win in plain YAML)
+        raise RecipeError([RecipeIssue(d.path, f"is given twice (first at line {d.first_line}); YAML would "
+                                       "silently keep only the last", has_value=False, line=d.line, source=str(path),
+                                       fix="keep one of them (merge the two sections into one)")
+                           for d in duplicate_keys(text)], str(path)) from None
     except yaml.YAMLError as err:
         raise RecipeError([yaml_syntax_issue(err, path)], str(path)) from None
     if data is None:
@@ -270,3 +291,33 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, flags: Mappi
     if issues:
         raise RecipeError(issues, str(path))
     return recipe
+
+
+def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
+    """A user's YAML file that must hold a mapping (a TerraTorch config, a cluster file), read safely.
+
+    Raises:
+        LaunchError: one line naming the file and why it cannot be read: missing, a directory or a binary, not
+            YAML, a key given twice (the last would silently win), or not a mapping.
+    """
+    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, duplicate_keys, read_text, safe_load
+    from encdec.launcher.recipe.errors import LaunchError
+
+    try:
+        text = read_text(path, what)
+        data = safe_load(text)
+    except (FileNotFoundError, NotTextError) as err:
+        raise LaunchError(str(err)) from None
+    except DuplicateKeyError:
+        dups = "; ".join(d.describe() for d in duplicate_keys(text))
+        raise LaunchError(f"{what} {path}: {dups}; keep one of each") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise LaunchError(f"{what} {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        raise LaunchError(f"{what} {path} is empty")
+    if not isinstance(data, dict):
+        raise LaunchError(f"{what} {path} does not hold a YAML mapping (it reads as {type(data).__name__}: "
+                          f"{str(data)[:60]!r}); give the .yaml file")
+    return data

@@ -101,7 +101,25 @@ def _optim_checks(recipe: Recipe) -> list[RecipeIssue]:
     if _changed(o, "min_lr") and o.schedule == "constant":
         issues.append(RecipeIssue(("optim", "min_lr"), "is the floor of the cosine schedule but optim.schedule is "
                                   "'constant'", o.min_lr, fix="remove optim.min_lr, or set optim.schedule: cosine"))
+    if o.plateau is not None and o.schedule != "plateau":
+        issues.append(RecipeIssue(("optim", "plateau"), f"is only read by schedule plateau, and optim.schedule is "
+                                  f"'{o.schedule}'", o.plateau.model_dump(),
+                                  fix="set optim.schedule: plateau, or remove optim.plateau"))
+    elif o.plateau is not None:
+        issues += _watched_metric_checks(recipe, ("optim", "plateau", "metric"), o.plateau.metric, "optim.plateau")
     return issues
+
+
+def _watched_metric_checks(recipe: Recipe, path: tuple[str, ...], metric: str, owner: str) -> list[RecipeIssue]:
+    """A decision taken on a validation metric (plateau LR, early stop): the metric exists and there is validation."""
+    names = val_metric_names(recipe.task, recipe.model.num_classes)
+    if metric not in names:
+        return [RecipeIssue(path, f"is not a validation metric of task '{recipe.task}'", metric,
+                            fix=f"use one of {', '.join(names)}.{_metric_hint(metric, names)}")]
+    if recipe.data.val is None:
+        return [RecipeIssue(path, "needs validation, and data.val is not set", metric,
+                            fix=f"add data.val (held-out tiles), or remove {owner}")]
+    return []
 
 
 def _train_checks(recipe: Recipe) -> list[RecipeIssue]:
@@ -116,6 +134,9 @@ def _train_checks(recipe: Recipe) -> list[RecipeIssue]:
         elif recipe.data.val is None:
             issues.append(RecipeIssue(("train", "best_metric"), "needs validation, and data.val is not set",
                                       t.best_metric, fix="add data.val (held-out tiles), or remove train.best_metric"))
+    if t.early_stop is not None:
+        issues += _watched_metric_checks(recipe, ("train", "early_stop", "metric"), t.early_stop.metric,
+                                         "train.early_stop")
     for key in ("reshard_after_forward", "build_on_rank0"):
         if _changed(t, key) and t.strategy != "fsdp":
             issues.append(RecipeIssue(("train", key), f"is an FSDP option but train.strategy is '{t.strategy}'",
