@@ -141,9 +141,18 @@ def test_template_is_a_plain_sbatch_script() -> None:
                 if re.search(r"\bray\s+stop\b", line) and not line.lstrip().startswith("#")]
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+# CI installs shellcheck (.ci/run), so there a missing one fails rather than skips
+@pytest.mark.skipif(shutil.which("shellcheck") is None and os.environ.get("CI") != "true",
+                    reason="shellcheck is not installed")
 def test_shellcheck_clean() -> None:
+    assert shutil.which("shellcheck"), "shellcheck is not installed: .ci/run installs it with apt-get"
     proc = subprocess.run(["shellcheck", "-s", "bash", "-S", "warning", "-"], input=_render("gpu8"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+    # the scripts users and CI run as they are committed: the sbatch template, the local Slurm cluster, CI itself
+    root = Path(__file__).resolve().parents[2]
+    scripts = [root / "slurm" / "ray.sbatch", root / "tests" / "cluster" / "local-slurm.sh", root / ".ci" / "run"]
+    proc = subprocess.run(["shellcheck", "-s", "bash", "-S", "warning", *map(str, scripts)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
