@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,8 @@ import numpy as np
 from encdec.predict.scenes import SceneInfo
 from encdec.predict.windows import Strip
 
-__all__ = ["OutputSpec", "StripWriter", "assemble_scene", "outputs_of", "remove_empty_parts", "scene_done", "strip_done"]
+__all__ = ["OutputSpec", "StripWriter", "assemble_scene", "class_names_for", "outputs_of", "remove_empty_parts",
+           "scene_done", "strip_done"]
 
 CLASS_NODATA = 255
 PROB_UINT8_SCALE = 254  # uint8 probabilities are round(p * 254); 255 is nodata
@@ -46,8 +48,7 @@ class OutputSpec:
 
     def names(self, k: int) -> tuple[str, ...]:
         """The ``k`` class names: the model's (``model.yaml``'s ``class_names``), else ``class 0``, ``class 1``..."""
-        given = tuple(self.class_names or ())
-        return given[:k] + tuple(f"class {i}" for i in range(len(given), k))
+        return class_names_for(self.class_names, k)
 
     def products(self, k: int) -> dict[str, tuple[str, int, float, str]]:
         """``name -> (dtype, bands, nodata, overview resampling)`` for a model with ``k`` output channels."""
@@ -81,6 +82,12 @@ class OutputSpec:
                 q[:, invalid] = np.nan
             out["prob"] = q
         return out
+
+
+def class_names_for(class_names: Sequence[str] | None, k: int) -> tuple[str, ...]:
+    """``k`` class names: the given ones first, then ``class i`` for the channels they do not name."""
+    given = tuple(class_names or ())[:k]
+    return given + tuple(f"class {i}" for i in range(len(given), k))
 
 
 def outputs_of(out_dir: Path, scene: SceneInfo, spec: OutputSpec) -> dict[str, Path]:

@@ -39,7 +39,7 @@ def write_quicklook(cog: Path, png: Path, spec: OutputSpec, *, title: str, max_s
         colours = plt.get_cmap("tab20" if k > 10 else "tab10")(np.arange(k) % (20 if k > 10 else 10))
         img = np.ma.masked_equal(data, 255)
         ax.imshow(img, cmap=ListedColormap(colours), vmin=-0.5, vmax=k - 0.5, interpolation="nearest")
-        names = spec.names(k) if not tagged else tuple(tagged) + spec.names(k)[len(tagged):]
+        names = spec.names(k)  # the names assemble_scene tagged (the same spec), and class i beyond them
         handles = [Patch(color=colours[i], label=f"{i}: {names[i]}") for i in range(k)]
         handles.append(Patch(facecolor="white", edgecolor="grey", label="nodata"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FRAME_SEPARATOR", "FrameStack", "frames_of", "gdal_env", "open_raster"]
+from encdec.data.sources import FRAME_SEPARATOR  # training manifests' separator of per-date files
 
-#: Separates the per-date files of one multi-temporal scene (the same separator as training manifests).
-FRAME_SEPARATOR = "|"
+__all__ = ["FRAME_SEPARATOR", "FrameStack", "frames_of", "gdal_env", "open_raster"]
 
 
 def frames_of(path: str) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from encdec.predict.engine import PreprocessFn, invalid_mask
-from encdec.predict.outputs import parts_dir
+from encdec.predict.outputs import class_names_for, parts_dir
 from encdec.predict.runner import ModelWorker
 from encdec.predict.scenes import SceneInfo
 from encdec.predict.windows import Tiling, reflect_index
@@ -103,16 +103,11 @@ def predict_scene_scalar(src: Any, scene: SceneInfo, tiling: Tiling, forward: Ca
     return rows
 
 
-def _names(class_names: Sequence[str] | None, k: int) -> list[str]:
-    given = list(class_names or [])[:k]
-    return given + [f"class {i}" for i in range(len(given), k)]
-
-
 def _result(out: np.ndarray, task: str, class_names: Sequence[str] | None, valid: bool) -> dict[str, Any]:
     """Class, its name and softmax probabilities (classification) or the value; empty for an all-nodata window."""
     if task == "scalar_regression":
         return {"value": float(out[0]) if valid else float("nan")}
-    names = _names(class_names, out.shape[0])
+    names = class_names_for(class_names, out.shape[0])
     e = np.exp(out - out.max())
     p = e / e.sum()
     cls = int(p.argmax())

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from encdec.data.sources import FRAME_SEPARATOR
+
 __all__ = ["SceneError", "SceneInfo", "discover_scenes", "gdal_path", "open_scene", "scene_name"]
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
@@ -53,7 +55,7 @@ def _read_manifest(path: Path) -> list[str]:
             entries = [row[col].strip() for row in reader if row.get(col, "").strip()]
     else:
         entries = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-    from encdec.predict.rasters import FRAME_SEPARATOR, frames_of
+    from encdec.predict.rasters import frames_of
 
     out = []
     for e in entries:  # "a.tif|b.tif": one file per date, each relative to the manifest
@@ -74,7 +76,7 @@ def discover_scenes(args: Sequence[str | os.PathLike[str]]) -> list[str]:
     Raises:
         SceneError: an argument matches nothing; the message lists every such argument.
     """
-    from encdec.predict.rasters import FRAME_SEPARATOR, frames_of
+    from encdec.predict.rasters import frames_of
 
     found: list[str] = []
     missing: list[str] = []
@@ -111,7 +113,7 @@ def discover_scenes(args: Sequence[str | os.PathLike[str]]) -> list[str]:
 
 def scene_name(path: str) -> str:
     """Output stem of a scene: its (first date's) file name without the raster suffix."""
-    name = path.split("|", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    name = path.split(FRAME_SEPARATOR, 1)[0].rstrip("/").rsplit("/", 1)[-1]
     for suf in RASTER_SUFFIXES:
         if name.lower().endswith(suf):
             return name[: -len(suf)]
