@@ -49,8 +49,13 @@ def _f(x: Any) -> float | None:
     return None if not np.isfinite(x) else float(x)
 
 
+def _grid(raster: Any) -> tuple[tuple[int, int], Any, Any]:
+    """Size, CRS and transform of an open raster or a scene's header: equal grids compare pixel for pixel."""
+    return (raster.height, raster.width), raster.crs, raster.transform
+
+
 def _check_grid(pred: Any, ref: Any) -> None:
-    if (pred.shape, pred.crs, pred.transform) != (ref.shape, ref.crs, ref.transform):
+    if _grid(pred) != _grid(ref):
         raise EvaluateError(f"{pred.name} ({pred.shape}, {pred.crs}) and reference {ref.name} ({ref.shape}, {ref.crs}) "
                             f"are not on the same grid. Fix: warp the reference onto the scene's grid "
                             f"(gdalwarp -te/-tr/-t_srs from the scene).")
@@ -75,11 +80,11 @@ def check_references(scenes: Sequence[str], refs: Sequence[str],
             with gdal_env(gdal_options):
                 info = open_scene(scene, require_crs=False)
                 with rasterio.open(ref) as fr:
-                    grid = ((fr.height, fr.width), fr.crs, fr.transform)
+                    grid = _grid(fr)
         except (SceneError, rasterio.errors.RasterioIOError) as e:
             bad.append(f"{scene} / {ref}: {e}")
             continue
-        want = ((info.height, info.width), info.crs, info.transform)
+        want = _grid(info)
         if grid != want:
             bad.append(f"reference {ref} ({grid[0][0]}x{grid[0][1]}, {grid[1]}) is not on the grid of scene {scene} "
                        f"({want[0][0]}x{want[0][1]}, {want[1]}{'' if grid[2] == want[2] else ', another transform'})")

@@ -114,6 +114,7 @@ class ModelWorker:
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast).
         gdal_options: GDAL config options for reading the scenes (``AWS_S3_ENDPOINT``, ...), applied with
             ``rasterio.Env`` on each worker (its environment is not changed).
+        gdal_cache_mb: GDAL block cache of the worker (MB).
     """
 
     scalar_output: ClassVar[bool] = False  # the model gives [B, K] (one result per window), not maps
@@ -128,6 +129,7 @@ class ModelWorker:
     device: str | None = None
     precision: Precision = "fp32"
     gdal_options: dict[str, str] = field(default_factory=dict)
+    gdal_cache_mb: int = 256
     _forward: ForwardFn | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,6 +145,15 @@ class ModelWorker:
                                          scalar=self.scalar_output)
         return self._forward
 
+    @contextlib.contextmanager
+    def open_pixels(self, scene: SceneInfo) -> Iterator[Any]:
+        """The scene's pixels under the worker's GDAL options. GDAL's block cache defaults to 5 % of RAM and would
+        grow with the scene's width; it is bounded to ``gdal_cache_mb``."""
+        from encdec.predict.rasters import gdal_env, open_raster
+
+        with gdal_env(self.gdal_options, GDAL_CACHEMAX=self.gdal_cache_mb), open_raster(scene.path) as src:
+            yield src
+
     def preprocess_for(self, scene: SceneInfo) -> PreprocessFn:
         """The raw-window -> model-input function for ``scene`` (its nodata and band names)."""
         return self.preprocess or make_preprocess(self.means, self.stds, scene.nodata, data=self.data,
@@ -157,7 +168,6 @@ class StripRunner(ModelWorker):
         spec: Outputs to write.
         strip_rows: Output rows per strip (the plan's unit of work).
         queue_windows: Windows read ahead of the forward pass.
-        gdal_cache_mb: GDAL block cache of the worker (MB).
         read_threads: Reader threads per strip (see :func:`~encdec.predict.engine.run_strip`); ``None``: one on
             CPU (more would take the forward's cores), up to 8 when the model runs on an accelerator (one reader
             streamed 157 windows/s of 6 x 224² on an H200 that forwards 1152/s).
@@ -168,7 +178,6 @@ class StripRunner(ModelWorker):
     spec: OutputSpec
     strip_rows: int = 2048
     queue_windows: int = 32
-    gdal_cache_mb: int = 256
     read_threads: int | None = None
     read_cache_mb: int = 128
 
@@ -196,9 +205,7 @@ class StripRunner(ModelWorker):
                 yield handle
 
         t0 = time.perf_counter()
-        # GDAL's block cache defaults to 5 % of RAM and would grow with the scene's width; one block row of a wide
-        # scene is what re-reading overlapping window rows needs.
-        with gdal_env(self.gdal_options, GDAL_CACHEMAX=self.gdal_cache_mb), open_raster(scene.path) as src:
+        with self.open_pixels(scene) as src:
             for strip in todo:
                 writer = StripWriter(self.out_dir, scene, strip, self.spec)
                 ok = False

@@ -33,7 +33,7 @@ from encdec.predict.scenes import SceneInfo
 from encdec.predict.windows import Tiling, reflect_index
 
 __all__ = ["SCALAR_TASKS", "ScalarRunner", "ScalarWindow", "assemble_scalar_tables", "read_scalar_part",
-           "scalar_key", "scalar_windows", "write_scalar_tables"]
+           "scalar_done", "scalar_key", "scalar_windows", "write_scalar_tables"]
 
 SCALAR_TASKS = ("classification", "scalar_regression")
 
@@ -219,22 +219,25 @@ class ScalarRunner(ModelWorker):
 
     def done(self, scene: SceneInfo) -> bool:
         """Whether the scene's part is finished (with these settings)."""
-        return read_scalar_part(self.out_dir, scene, self.key) is not None
+        return scalar_done(self.out_dir, scene, self.key)
 
     def run(self, scene: SceneInfo, on_batch: Callable[[int], None] | None = None) -> int:
         """Predict ``scene`` into its part unless it is done; returns the windows computed (0 when done)."""
-        from encdec.predict.rasters import gdal_env, open_raster
-
         if self.done(scene):
             return 0
         pre = self.preprocess_for(scene)
         forward = self.forward
-        with gdal_env(self.gdal_options, GDAL_CACHEMAX=256), open_raster(scene.path) as src:
+        with self.open_pixels(scene) as src:
             rows = predict_scene_scalar(src, scene, self.tiled, forward, pre, task=self.task,
                                         class_names=self.class_names, on_batch=on_batch)
         _write_part(self.out_dir, scene, {"key": self.key, "windows": rows,
                                           "scene": scene_summary(rows, self.task, self.class_names)})
         return len(rows)
+
+
+def scalar_done(out_dir: Path, scene: SceneInfo, key: dict[str, Any]) -> bool:
+    """Whether ``scene``'s part under ``out_dir`` is finished with the settings ``key`` (:func:`scalar_key`)."""
+    return read_scalar_part(out_dir, scene, key) is not None
 
 
 def assemble_scalar_tables(out_dir: Path, scenes: Sequence[SceneInfo], key: dict[str, Any]) -> dict[str, Path]:

@@ -263,7 +263,7 @@ def _mb(n: float) -> str:
 
 def _dry_run(spec: ModelSpec, args: argparse.Namespace, tiled: Any, out_spec: Any) -> int:
     from encdec.predict.api import plan_predict, worker_memory_bytes
-    from encdec.predict.scalar import SCALAR_TASKS, read_scalar_part, scalar_key, scalar_windows
+    from encdec.predict.scalar import SCALAR_TASKS, scalar_done, scalar_key, scalar_windows
 
     plans, bad = plan_predict(args.scenes, args.output, tiled=tiled, spec=out_spec, strip_rows=args.strip_rows,
                               num_frames=spec.data.num_frames if spec.data else None,
@@ -276,9 +276,7 @@ def _dry_run(spec: ModelSpec, args: argparse.Namespace, tiled: Any, out_spec: An
     print(f"{'scene':<32} {'size':>13} {'windows':>8} {'strips':>6} {'outputs':>12} {'worker mem':>12}  state")
     for sp in plans:
         if scalar:
-            sp = replace(sp, done=read_scalar_part(Path(args.output), sp.scene, scalar_key(spec.task,
-                                                                                          spec.class_names, t))
-                         is not None)
+            sp = replace(sp, done=scalar_done(Path(args.output), sp.scene, scalar_key(spec.task, spec.class_names, t)))
         windows = len(scalar_windows(sp.scene.height, sp.scene.width, t)) if scalar else sp.plan.n_windows
         strips, outputs = ("-", "table rows") if scalar else (len(sp.plan.strips), _mb(sp.output_bytes(k, out_spec)))
         mem = worker_memory_bytes(sp, k, queue_windows=args.queue_windows)
