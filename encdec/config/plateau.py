@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from encdec.config.early_stop import WatchedMetricConfig
 
 __all__ = ["PlateauConfig"]
 
 
-class PlateauConfig(BaseModel):
+class PlateauConfig(WatchedMetricConfig):
     """torch's ``ReduceLROnPlateau``, counted in validations and decided from the all-reduced validation metrics.
 
     After more than ``patience`` validations without improvement of ``metric`` the learning rate is multiplied by
@@ -18,12 +20,6 @@ class PlateauConfig(BaseModel):
     of each checkpoint, so a resumed run continues where it stopped. The defaults are torch's.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    metric: str = Field("val/loss", description="Validation metric watched (a key of the val report: val/loss, "
-                        "val/mIoU, val/accuracy, val/rmse...).")
-    mode: Literal["min", "max"] = Field("min", description="min: lower is better (losses, RMSE); max: higher is "
-                                        "better (mIoU, accuracy).")
     factor: float = Field(0.1, gt=0, lt=1, description="Multiplier of the learning rate at each reduction.")
     patience: int = Field(10, ge=0, le=100000, description="Validations without improvement that are tolerated: "
                           "the LR drops at the next one (torch's semantics: patience 0 drops at the first).")

@@ -8,13 +8,13 @@ run keeps counting where it stopped.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
 from encdec.config.early_stop import EarlyStopConfig
+from encdec.train.metric_watch import MetricWatch
 
 __all__ = ["EarlyStopError", "EarlyStopper"]
 
@@ -23,17 +23,16 @@ class EarlyStopError(ValueError):
     """``train.early_stop`` is invalid or names a metric validation does not report."""
 
 
-class EarlyStopper:
+class EarlyStopper(MetricWatch):
     """Counts validations without improvement of ``cfg.metric``; :meth:`update` says when to stop.
 
     An improvement is a value better than the best so far by more than ``min_delta`` (lower for ``mode: min``,
     higher for ``max``); the first finite value always is one. NaN never improves.
     """
 
-    def __init__(self, cfg: EarlyStopConfig) -> None:
-        self.cfg = cfg
-        self.best: float | None = None
-        self.bad = 0  # validations since the last improvement
+    section = "train.early_stop"
+    error = EarlyStopError
+    cfg: EarlyStopConfig
 
     @classmethod
     def from_section(cls, section: Mapping[str, Any] | None) -> EarlyStopper | None:
@@ -54,33 +53,12 @@ class EarlyStopper:
 
     def update(self, val: Mapping[str, float]) -> bool:
         """Take one validation's (all-reduced) metrics; True when the run should stop now."""
-        if self.cfg.metric not in val:
-            raise EarlyStopError(f"train.early_stop.metric={self.cfg.metric!r} is not reported by validation; "
-                                 f"it reports {sorted(val)}")
-        value = float(val[self.cfg.metric])
-        if self._improves(value):
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
+        self.observe(val)
         return self.bad >= self.cfg.patience
 
     def _improves(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
         if self.best is None:
             return True
         if self.cfg.mode == "min":
             return value < self.best - self.cfg.min_delta
         return value > self.best + self.cfg.min_delta
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps (plain numbers: loads with ``weights_only``)."""
-        return {"metric": self.cfg.metric, "best": self.best, "bad": self.bad}
-
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
-        """Continue counting from a checkpoint's state (a checkpoint without it, or one that watched another
-        metric, starts the count afresh)."""
-        if not state or state.get("metric") != self.cfg.metric:
-            return
-        self.best = None if state.get("best") is None else float(state["best"])
-        self.bad = int(state.get("bad", 0))

@@ -267,7 +267,7 @@ def train(
         is_best = ckpts.is_best(val)
         # early stop and the plateau LR: every rank saw the same all-reduced val metrics; the flags are all-reduced
         # all the same. A lowered LR applies from the next step on (it is part of the checkpoint saved below).
-        early, lr_lowered = validation_decisions(val, stopper, plateau)
+        early, lr_lowered = validation_decisions(val, stopper, plateau, world)
         if lr_lowered and rank == 0:
             LOG.info("step %d: %s has not improved for %d validations; LR lowered to %.3g", step,
                      plateau.cfg.metric, plateau.cfg.patience + 1, plateau.lr)  # type: ignore[union-attr]

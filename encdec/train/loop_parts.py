@@ -133,7 +133,7 @@ def evaluate(strategy: Any, val_iter: Any, loss_fn: Any, *, task: str, num_class
     return {"val/loss": meter.compute(), **{f"val/{k}": v for k, v in metrics.compute().items()}}
 
 
-def validation_decisions(val: Mapping[str, float], stopper: Any, plateau: Any) -> tuple[bool, bool]:
+def validation_decisions(val: Mapping[str, float], stopper: Any, plateau: Any, world: int) -> tuple[bool, bool]:
     """(stop now, LR lowered now) after a validation: ``train.early_stop`` and the plateau schedule.
 
     Every rank feeds the same all-reduced metrics to its own ``EarlyStopper`` / ``PlateauScheduler`` and so decides
@@ -146,14 +146,8 @@ def validation_decisions(val: Mapping[str, float], stopper: Any, plateau: Any) -
         return False, False
     flags = torch.tensor([float(stopper.update(val)) if stopper is not None else 0.0,
                           float(plateau.update(val)) if plateau is not None else 0.0], dtype=torch.float64)
-    stop, lowered = all_reduce_sum(flags.clone()).tolist()
-    if lowered and lowered != _world_size():
-        raise RuntimeError(f"ranks disagree on the plateau schedule ({lowered:g} of {_world_size()} lowered the LR) "
+    stop, lowered = all_reduce_sum(flags).tolist()
+    if lowered and lowered != world:
+        raise RuntimeError(f"ranks disagree on the plateau schedule ({lowered:g} of {world} lowered the LR) "
                            "though they saw the same all-reduced validation metrics; this is a bug, please report it")
     return stop > 0, lowered > 0
-
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -114,7 +114,7 @@ class RegressionMetrics:
         if self.ignore_index is not None:
             valid &= target != self.ignore_index
         y = target[valid].double()
-        diff = pred.double()[valid] - y
+        diff = pred[valid].double() - y
         n = torch.tensor(diff.numel(), dtype=torch.float64, device=diff.device)
         self.totals += torch.stack([(diff * diff).sum(), diff.abs().sum(), n, y.sum(), (y * y).sum()]).cpu()
 

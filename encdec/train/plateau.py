@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from encdec.config.plateau import PlateauConfig
+from encdec.train.metric_watch import MetricWatch
 
 __all__ = ["PlateauError", "PlateauScheduler"]
 
@@ -25,7 +26,7 @@ class PlateauError(ValueError):
     """``optim.plateau.metric`` is not reported by validation."""
 
 
-class PlateauScheduler:
+class PlateauScheduler(MetricWatch):
     """Counts validations without improvement of ``cfg.metric``; :meth:`update` says when the LR drops.
 
     Mirrors ``torch.optim.lr_scheduler.ReduceLROnPlateau.step``: a value is an improvement when it beats the best
@@ -39,12 +40,14 @@ class PlateauScheduler:
         min_lr: the floor (``optim.min_lr``).
     """
 
+    section = "optim.plateau"
+    error = PlateauError
+    cfg: PlateauConfig
+
     def __init__(self, cfg: PlateauConfig, *, lr: float, min_lr: float = 0.0) -> None:
-        self.cfg = cfg
+        super().__init__(cfg)  # bad: torch's num_bad_epochs
         self.base_lr = float(lr)
         self.min_lr = float(min_lr)
-        self.best: float | None = None
-        self.bad = 0  # validations since the last improvement (torch: num_bad_epochs)
         self.cooldown_left = 0
         self.reductions = 0
 
@@ -55,14 +58,7 @@ class PlateauScheduler:
 
     def update(self, val: Mapping[str, float]) -> bool:
         """Take one validation's (all-reduced) metrics; True when the learning rate dropped now."""
-        if self.cfg.metric not in val:
-            raise PlateauError(f"optim.plateau.metric={self.cfg.metric!r} is not reported by validation; it "
-                               f"reports {sorted(val)}")
-        value = float(val[self.cfg.metric])
-        if self._improves(value):
-            self.best, self.bad = value, 0
-        else:
-            self.bad += 1
+        self.observe(val)
         if self.cooldown_left > 0:
             self.cooldown_left -= 1
             self.bad = 0  # bad validations in cooldown are ignored
@@ -76,8 +72,6 @@ class PlateauScheduler:
         return True
 
     def _improves(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
         t = self.cfg.threshold
         best = self.best if self.best is not None else (math.inf if self.cfg.mode == "min" else -math.inf)
         if self.cfg.mode == "min":
@@ -86,17 +80,15 @@ class PlateauScheduler:
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps (plain numbers: loads with ``weights_only``)."""
-        return {"metric": self.cfg.metric, "best": self.best, "bad": self.bad, "cooldown_left": self.cooldown_left,
-                "reductions": self.reductions}
+        return {**super().state_dict(), "cooldown_left": self.cooldown_left, "reductions": self.reductions}
 
-    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> bool:
         """Continue from a checkpoint's state. The reductions made so far always carry over (the LR does not jump
         back up); a checkpoint that watched another metric restarts the count and the best value."""
         if not state:
-            return
+            return False
         self.reductions = int(state.get("reductions", 0))
-        if state.get("metric") != self.cfg.metric:
-            return
-        self.best = None if state.get("best") is None else float(state["best"])
-        self.bad = int(state.get("bad", 0))
+        if not super().load_state_dict(state):
+            return False
         self.cooldown_left = int(state.get("cooldown_left", 0))
+        return True
