@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from encdec.config.checks import is_number
 from encdec.launcher.recipe.errors import LaunchError
 
 __all__ = ["Space", "parse_space", "parse_search_args", "validate_spaces"]
@@ -67,7 +68,7 @@ def parse_space(key: str, text: str) -> Space:
         if not args:
             raise LaunchError(f"search space {key}={text!r}: choice() needs at least one value")
         return Space(key, kind, args, text)
-    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+    if len(args) != 2 or not all(is_number(a) for a in args):
         raise LaunchError(f"search space {key}={text!r}: {kind} takes two numbers (lo, hi)")
     lo, hi = args
     if not lo < hi or (kind == "loguniform" and lo <= 0) or (kind == "randint" and not all(isinstance(a, int) for a in args)):

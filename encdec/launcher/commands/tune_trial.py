@@ -13,6 +13,8 @@ import io
 from pathlib import Path
 from typing import Any
 
+from encdec.config.checks import is_number
+
 __all__ = ["apply_values", "run_trial"]
 
 
@@ -64,7 +66,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], search_dir: str, 
         if tracker is not None:
             tracker.log(m)
         if isinstance(m.get(metric), (int, float)):
-            tune.report({k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            tune.report({k: v for k, v in m.items() if is_number(v)})
 
     outcome = fit(recipe, run_dir, on_metrics=forward)
     finish_run(recipe, run_dir, outcome, Console(file=io.StringIO(), width=160), tracker=tracker)
