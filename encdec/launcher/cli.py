@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from encdec._version import __version__
-from encdec.launcher.backends.flags import add_slurm_flags, add_target_flags
+from encdec.launcher.backends.flags import SLURM_FLAGS, add_slurm_flags, add_target_flags
 
 __all__ = ["build_parser", "main"]
 
@@ -143,11 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("make-data", help="write a synthetic HLS-like tile set", add_help=False)
     sub.add_parser("stats", help="per-band means/stds and class frequencies of tiles", add_help=False)
     return parser
-
-
-SLURM_FLAGS = {"partition": "--partition", "account": "--account", "time": "--time", "qos": "--qos",
-               "constraint": "--constraint", "gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task",
-               "signal_grace_s": "--signal-grace-s", "extra": "--sbatch-extra", "venv": "--venv"}
 
 
 def _run_flag_conflict(args: argparse.Namespace) -> str | None:

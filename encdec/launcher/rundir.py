@@ -48,7 +48,6 @@ __all__ = [
     "code_revision",
     "describe_status",
     "is_run_dir",
-    "log_records",
     "new_run_dir",
     "package_versions",
     "print_logs",
@@ -158,9 +157,7 @@ def record_recipe(run_dir: Path, recipe_data: Mapping[str, Any]) -> Path | None:
             n += 1
         prev = run_dir / f"recipe.prev-{n}.yaml"
         shutil.copy2(current, prev)  # the old text is kept before the new one replaces it
-    tmp = run_dir / (RECIPE_FILE + ".part")
-    tmp.write_text(_recipe_text(recipe_data))
-    os.replace(tmp, current)
+    _atomic_write(current, _recipe_text(recipe_data))
     return prev
 
 
@@ -278,11 +275,6 @@ def _merge(chunks: list[str]) -> list[str]:
     return sorted(records, key=lambda r: r[:23] if _STAMP.match(r) else "")
 
 
-def log_records(run_dir: str | Path) -> list[str]:
-    """Every log record of a run (driver and workers), merged by time."""
-    return _merge([p.read_text(errors="replace") for p in log_files(run_dir)])
-
-
 def _whole(text: str) -> str:
     return text[:text.rfind("\n") + 1]  # a writer may be half-way through a line: it is taken once done
 
@@ -291,16 +283,16 @@ def print_logs(run_dir: Path, *, tail: int | None, follow: bool, out: IO[str],
                alive: Callable[[], bool | None] = lambda: False, poll_s: float = 1.0) -> None:
     """Print a run's driver and worker log lines (``logs/``), merged by time; ``follow``: until ``alive()`` is
     no longer true. A run from before ``logs/`` existed shows its reports (``metrics.jsonl``) instead."""
-    if not (run_dir / LOG_DIR).is_dir():
-        files: list[Path] = [run_dir / "metrics.jsonl"]
-        merge: Callable[[list[str]], list[str]] = lambda chunks: "".join(chunks).splitlines()  # noqa: E731
-    else:
-        files, merge = log_files(run_dir), _merge
+    legacy = not (run_dir / LOG_DIR).is_dir()
     offsets: dict[Path, int] = {}
+
+    def merge(chunks: list[str]) -> list[str]:
+        return "".join(chunks).splitlines() if legacy else _merge(chunks)
 
     def new_text() -> list[str]:
         chunks = []
-        for path in (log_files(run_dir) if merge is _merge else files):
+        # logs/ is listed again on each poll: a worker's file appears once the worker starts
+        for path in ([run_dir / "metrics.jsonl"] if legacy else log_files(run_dir)):
             if not path.is_file():
                 continue
             with path.open("rb") as f:

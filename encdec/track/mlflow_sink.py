@@ -18,7 +18,7 @@ from encdec.config.track import MlflowConfig
 from encdec.track.common import flatten, read_state, recipe_text, update_state
 from encdec.track.hub import RunInfo
 
-__all__ = ["MlflowSink", "embedded_uri"]
+__all__ = ["MlflowSink", "continue_run", "embedded_uri", "experiment_id", "open_client"]
 
 # A tracking server that does not answer must not hold the background thread for minutes per call (MLflow's
 # defaults: 7 retries with exponential backoff, 120 s timeout); the user's own settings win.
@@ -32,6 +32,34 @@ def embedded_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def open_client(tracking_uri: str | None, root: Path) -> tuple[Any, str]:
+    """An MLflow client of ``tracking_uri``, or of the embedded store under ``root`` when it is None, and its URI.
+    MLflow's HTTP retries are bounded first (:data:`_HTTP_DEFAULTS`)."""
+    for key, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri is None:
+        (root / "mlflow").mkdir(parents=True, exist_ok=True)
+    uri = embedded_uri(root) if tracking_uri is None else str(tracking_uri)
+    return MlflowClient(tracking_uri=uri), uri
+
+
+def experiment_id(client: Any, name: str, root: Path, embedded: bool) -> str:
+    """The id of experiment ``name``, created when missing (its artifacts under ``root`` in the embedded store)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return str(exp.experiment_id)
+    location = (root / "mlflow" / "artifacts").resolve().as_uri() if embedded else None
+    return str(client.create_experiment(name, artifact_location=location))
+
+
+def continue_run(client: Any, run_id: str) -> None:
+    """Mark a run recorded by an earlier launch as running again (a resume continues it, no new run)."""
+    client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "encdec.resumed", time.strftime("%Y-%m-%dT%H:%M:%S"))
+
+
 class MlflowSink:
     """One MLflow run per encdec run (continued on resume)."""
 
@@ -43,28 +71,15 @@ class MlflowSink:
         self.run_id: str | None = None
 
     def open(self, info: RunInfo) -> None:
-        for key, value in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-        from mlflow.tracking import MlflowClient
-
         embedded = self.cfg.tracking_uri is None
-        uri = embedded_uri(info.run_dir) if embedded else str(self.cfg.tracking_uri)
-        if embedded:
-            (info.run_dir / "mlflow").mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client, uri = open_client(self.cfg.tracking_uri, info.run_dir)
         previous = read_state(info.run_dir).get("mlflow", {})
         if previous.get("run_id") and previous.get("tracking_uri") == (None if embedded else uri):
             self.run_id = str(previous["run_id"])
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, "encdec.resumed", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            continue_run(self.client, self.run_id)
             return
         name = self.cfg.experiment or str(info.recipe.get("run", {}).get("name") or "encdec")
-        exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:
-            location = (info.run_dir / "mlflow" / "artifacts").resolve().as_uri() if embedded else None
-            exp_id = self.client.create_experiment(name, artifact_location=location)
+        exp_id = experiment_id(self.client, name, info.run_dir, embedded)
         tags = {**self.cfg.tags, "encdec.run_dir": str(info.run_dir),
                 **{f"encdec.version.{k}": v for k, v in info.versions.items()}}
         run = self.client.create_run(exp_id, run_name=self.cfg.run_name or info.run_name, tags=tags)

@@ -12,14 +12,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TARGET_DESTS", "absolute_path", "add_slurm_flags", "add_target_flags", "command_argv", "command_parser"]
+__all__ = ["SLURM_FLAGS", "TARGET_DESTS", "absolute_path", "add_slurm_flags", "add_target_flags", "command_argv",
+           "command_parser"]
 
+# dest -> flag of the Slurm group (add_slurm_flags): meaningful with --slurm only
+SLURM_FLAGS = {"partition": "--partition", "account": "--account", "time": "--time", "qos": "--qos",
+               "constraint": "--constraint", "gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task",
+               "signal_grace_s": "--signal-grace-s", "extra": "--sbatch-extra", "venv": "--venv"}
 # dests of the flags that choose and shape the target: the command a target runs never repeats them
-TARGET_DESTS = frozenset({
-    "slurm", "k8s", "submit", "no_follow", "address", "dry_run",
-    "partition", "account", "time", "qos", "constraint", "gpus_per_node", "cpus_per_task", "signal_grace_s",
-    "extra", "venv",
-})
+TARGET_DESTS = frozenset({"slurm", "k8s", "submit", "no_follow", "address", "dry_run", *SLURM_FLAGS})
 
 
 def add_slurm_flags(p: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def _long(action: argparse.Action) -> str:
 
 
 def command_argv(command: str, args: argparse.Namespace, *, drop: Iterable[str] = (),
-                 path_dests: Iterable[str] = (), parser: argparse.ArgumentParser | None = None) -> list[str]:
+                 path_dests: Iterable[str] = ()) -> list[str]:
     """``encdec-launch COMMAND ...`` that repeats ``args`` on another machine, without the target flags.
 
     Every flag of the command's parser is rebuilt from ``args``, so a flag added to a command later travels with
@@ -80,9 +81,8 @@ def command_argv(command: str, args: argparse.Namespace, *, drop: Iterable[str] 
         args: its parsed flags.
         drop: more dests to leave out (beside :data:`TARGET_DESTS`).
         path_dests: dests holding local paths, made absolute (the target's working directory differs).
-        parser: the subcommand's parser (default: :func:`command_parser`).
     """
-    parser = parser or command_parser(command)
+    parser = command_parser(command)
     skip = TARGET_DESTS | set(drop)
     paths = set(path_dests)
     positionals: list[str] = []

@@ -13,8 +13,6 @@ down is reported once; the search goes on without a parent (the trials' trackers
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,9 @@ class SearchParent:
         self.report = report
         self.client: Any = None
         self.run_id: str | None = None
-        self.uri = cfg.tracking_uri or f"sqlite:///{(search_dir / 'mlflow' / 'mlflow.db').resolve()}"
+        from encdec.track.mlflow_sink import embedded_uri
+
+        self.uri = cfg.tracking_uri or embedded_uri(search_dir)
         self.experiment = cfg.experiment or name
         self.failed = False
 
@@ -65,28 +65,16 @@ class SearchParent:
 
     def _open(self, spec: Mapping[str, Any]) -> dict[str, str]:
         from encdec.track.common import flatten, read_state, recipe_text, update_state
+        from encdec.track.mlflow_sink import continue_run, experiment_id, open_client
 
-        # the trial sinks' bounded HTTP defaults, for the same reason: a server that does not answer must not hang
-        for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}.items():
-            os.environ.setdefault(key, value)
-        from mlflow.tracking import MlflowClient
-
-        embedded = self.cfg.tracking_uri is None
-        if embedded:
-            (self.search_dir / "mlflow").mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        # the trial sinks' client: bounded HTTP retries (a server that does not answer must not hang the search)
+        self.client, _ = open_client(self.cfg.tracking_uri, self.search_dir)
         previous = read_state(self.search_dir).get("mlflow", {})
         if previous.get("run_id") and previous.get("tracking_uri") == self.uri:
             self.run_id = str(previous["run_id"])
-            self.client.update_run(self.run_id, status="RUNNING")
-            self.client.set_tag(self.run_id, "encdec.resumed", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            continue_run(self.client, self.run_id)
             return self.trial_parent()
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            exp_id = exp.experiment_id
-        else:
-            location = (self.search_dir / "mlflow" / "artifacts").resolve().as_uri() if embedded else None
-            exp_id = self.client.create_experiment(self.experiment, artifact_location=location)
+        exp_id = experiment_id(self.client, self.experiment, self.search_dir, self.cfg.tracking_uri is None)
         tags = {**self.cfg.tags, "encdec.search_dir": str(self.search_dir), "encdec.kind": "search"}
         run = self.client.create_run(exp_id, run_name=self.cfg.run_name or self.search_dir.name, tags=tags)
         self.run_id = run.info.run_id

@@ -111,7 +111,8 @@ def _optim_checks(recipe: Recipe) -> list[RecipeIssue]:
 
 
 def _watched_metric_checks(recipe: Recipe, path: tuple[str, ...], metric: str, owner: str) -> list[RecipeIssue]:
-    """A decision taken on a validation metric (plateau LR, early stop): the metric exists and there is validation."""
+    """A decision taken on a validation metric (best checkpoint, plateau LR, early stop): the metric exists and
+    there is validation."""
     names = val_metric_names(recipe.task, recipe.model.num_classes)
     if metric not in names:
         return [RecipeIssue(path, f"is not a validation metric of task '{recipe.task}'", metric,
@@ -126,14 +127,7 @@ def _train_checks(recipe: Recipe) -> list[RecipeIssue]:
     issues: list[RecipeIssue] = []
     t = recipe.train
     if t.best_metric is not None:
-        names = val_metric_names(recipe.task, recipe.model.num_classes)
-        if t.best_metric not in names:
-            issues.append(RecipeIssue(("train", "best_metric"), f"is not a validation metric of task "
-                                      f"'{recipe.task}'", t.best_metric,
-                                      fix=f"use one of {', '.join(names)}.{_metric_hint(t.best_metric, names)}"))
-        elif recipe.data.val is None:
-            issues.append(RecipeIssue(("train", "best_metric"), "needs validation, and data.val is not set",
-                                      t.best_metric, fix="add data.val (held-out tiles), or remove train.best_metric"))
+        issues += _watched_metric_checks(recipe, ("train", "best_metric"), t.best_metric, "train.best_metric")
     if t.early_stop is not None:
         issues += _watched_metric_checks(recipe, ("train", "early_stop", "metric"), t.early_stop.metric,
                                          "train.early_stop")
