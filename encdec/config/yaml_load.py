@@ -2,7 +2,7 @@
 
 PyYAML's ``safe_load`` lets the last of two equal keys win without a word (``train: {max_steps: 10}`` then, further
 down, ``train: {epochs: 1}`` silently drops the first section). :func:`safe_load` refuses a duplicate key at any
-depth, naming the key, both lines and the path to it; it builds only plain data (never runs code: SafeLoader).
+depth, naming every such key, both lines and the path to it; it builds only plain data (never runs code: SafeLoader).
 :func:`read_text` refuses what is not a text file (a directory, a GeoTIFF, a binary) with one line instead of a
 ``UnicodeDecodeError`` traceback. Nothing here imports torch.
 """
@@ -17,8 +17,7 @@ from typing import Any
 import yaml
 from yaml.constructor import ConstructorError
 
-__all__ = ["DuplicateKey", "DuplicateKeyError", "NotTextError", "duplicate_keys", "read_text", "safe_load",
-           "safe_load_all"]
+__all__ = ["DuplicateKey", "DuplicateKeyError", "NotTextError", "read_text", "safe_load", "safe_load_all"]
 
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 # magic numbers of the files most often passed by mistake: GeoTIFF/TIFF, PNG, JPEG, zip (a .pt checkpoint), gzip
@@ -29,55 +28,101 @@ _MAGIC = {b"II*\x00": "a TIFF/GeoTIFF image", b"MM\x00*": "a TIFF/GeoTIFF image"
 
 @dataclass(frozen=True)
 class DuplicateKey:
-    """A key written twice in one mapping: its path (parents, then the key) and both 1-based lines."""
+    """A key written twice in one mapping: its path (parents, then the key as written the second time), both 1-based
+    lines and, when the two are spelled differently but read as one key (``yes``/``true``, ``1``/``1.0``), the first
+    spelling and the value both read as."""
 
     path: tuple[str | int, ...]
     line: int
     first_line: int
+    first_spelling: str = ""
+    reads_as: str = ""
+
+    @property
+    def note(self) -> str:
+        """Why two differently written keys clash (``"'yes' and 'true' both read as True"``); empty otherwise."""
+        if not self.first_spelling:
+            return ""
+        return f"'{self.first_spelling}' and '{self.path[-1]}' both read as {self.reads_as}"
 
     def describe(self) -> str:
         dotted = ".".join(str(p) for p in self.path)
-        return f"'{dotted}' is given twice (lines {self.first_line} and {self.line}); YAML would keep only the last"
+        note = f"; {self.note}" if self.note else ""
+        return f"'{dotted}' is given twice (lines {self.first_line} and {self.line}{note}); YAML would keep only the last"
 
 
 class DuplicateKeyError(ConstructorError):
-    """A mapping holds the same key twice (a ``MarkedYAMLError``: its ``problem_mark`` is the second one)."""
+    """Mappings hold the same key twice (a ``MarkedYAMLError``). ``duplicates`` lists every one, in document order;
+    the message and ``problem_mark`` are those of the outermost (the first a plain load would meet)."""
+
+    def __init__(self, *args: Any, duplicates: tuple[DuplicateKey, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.duplicates = duplicates
 
 
 class NotTextError(ValueError):
     """The file is not a YAML text file (a directory, an image, a binary...). The message is one line."""
 
 
-def _scalar_key(node: yaml.Node) -> Any:
-    return node.value if isinstance(node, yaml.ScalarNode) else None
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that raises :class:`DuplicateKeyError` on the first key written twice in one mapping."""
+    """SafeLoader that raises :class:`DuplicateKeyError` listing every key written twice in one mapping.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:  # type: ignore[override]
-        seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == _MERGE_TAG:  # ``<<: *base`` then overriding keys is YAML's own override
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: SafeLoader reports it itself
-                continue
-            if first is not None:
-                raise DuplicateKeyError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r} (first at line {first.start_mark.line + 1})", key_node.start_mark)
-            seen[key] = key_node
-        return super().construct_mapping(node, deep=deep)
+    Keys are compared as constructed (so ``yes`` and ``true``, or ``1`` and ``1.0``, are the same key, as in the dict
+    PyYAML would build), before any value is built. Merge keys (``<<: *base`` then overriding keys) are YAML's own
+    override and stay allowed.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._refuse_duplicates(node)
+        return super().construct_document(node)
+
+    def _refuse_duplicates(self, root: yaml.Node) -> None:
+        found: list[tuple[int, DuplicateKey, yaml.MappingNode, yaml.Node, yaml.Node, Any]] = []
+        visited: set[int] = set()
+
+        def walk(node: yaml.Node, path: tuple[str | int, ...], depth: int) -> None:
+            if id(node) in visited:  # an alias: checked where its anchor is (and no endless loop on recursion)
+                return
+            visited.add(id(node))
+            if isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    walk(item, (*path, i), depth + 1)
+            elif isinstance(node, yaml.MappingNode):
+                seen: dict[Any, tuple[Any, yaml.Node]] = {}  # key -> (the key as first read, its node)
+                for key_node, value_node in node.value:
+                    if key_node.tag == _MERGE_TAG:
+                        walk(value_node, path, depth + 1)
+                        continue
+                    key = self.construct_object(key_node, deep=True)
+                    name = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key)
+                    try:
+                        earlier = seen.setdefault(key, (key, key_node))
+                    except TypeError:  # an unhashable key: SafeLoader reports it itself
+                        earlier = (key, key_node)
+                    if earlier[1] is not key_node:
+                        first_key, first = earlier
+                        spelled = first.value if isinstance(first, yaml.ScalarNode) else str(first_key)
+                        differs = spelled != name  # yes/true, 1/1.0: one key, written two ways
+                        dup = DuplicateKey((*path, name), key_node.start_mark.line + 1, first.start_mark.line + 1,
+                                           spelled if differs else "", repr(first_key) if differs else "")
+                        found.append((depth, dup, node, first, key_node, key))
+                    walk(value_node, (*path, name), depth + 1)
+
+        walk(root, (), 0)
+        if not found:
+            return
+        _, _, mapping, first, key_node, key = min(found, key=lambda f: f[0])  # outermost, then first in the text
+        raise DuplicateKeyError("while constructing a mapping", mapping.start_mark,
+                                f"found duplicate key {key!r} (first at line {first.start_mark.line + 1})",
+                                key_node.start_mark, duplicates=tuple(f[1] for f in found))
 
 
 def safe_load(text: str) -> Any:
     """``yaml.safe_load`` that refuses duplicate keys.
 
     Raises:
-        DuplicateKeyError: a key given twice in one mapping (a ``yaml.YAMLError`` with the line).
+        DuplicateKeyError: keys given twice in one mapping (a ``yaml.YAMLError`` with the line; ``.duplicates``
+            lists them all, each with its path and both lines).
         yaml.YAMLError: any other syntax error.
     """
     return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: plain data only
@@ -86,35 +131,6 @@ def safe_load(text: str) -> Any:
 def safe_load_all(text: str) -> Iterator[Any]:
     """``yaml.safe_load_all`` that refuses duplicate keys (see :func:`safe_load`)."""
     return yaml.load_all(text, Loader=_UniqueKeyLoader)
-
-
-def duplicate_keys(text: str) -> list[DuplicateKey]:
-    """Every duplicate key of a YAML document (for reporting them all at once); empty when it does not parse."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return []
-    found: list[DuplicateKey] = []
-
-    def walk(node: yaml.Node | None, path: tuple[str | int, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            first: dict[Any, int] = {}
-            for key_node, value in node.value:
-                key = _scalar_key(key_node)
-                if key_node.tag == _MERGE_TAG or key is None:
-                    continue
-                line = key_node.start_mark.line + 1
-                if key in first:
-                    found.append(DuplicateKey((*path, key), line, first[key]))
-                else:
-                    first[key] = line
-                walk(value, (*path, key))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, (*path, i))
-
-    walk(root, ())
-    return found
 
 
 def read_text(path: str | Path, what: str = "YAML file") -> str:

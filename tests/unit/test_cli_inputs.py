@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from encdec.config.yaml_load import DuplicateKeyError, NotTextError, duplicate_keys, read_text, safe_load
+from encdec.config.yaml_load import DuplicateKeyError, NotTextError, read_text, safe_load
 from encdec.launcher.cli import _normalise_argv, build_parser
 from encdec.launcher.commands.launch import load_for_run, open_run_dir
 from encdec.launcher.ray import ray_auth
-from encdec.launcher.recipe.errors import RecipeError
-from encdec.launcher.recipe.validate import load_recipe
+from encdec.launcher.recipe.errors import LaunchError, RecipeError
+from encdec.launcher.recipe.validate import load_recipe, read_yaml_file
 
 RECIPE = {
     "task": "segmentation",
@@ -28,9 +28,28 @@ def test_duplicate_keys_refused_at_any_depth_merge_keys_allowed() -> None:
     with pytest.raises(DuplicateKeyError) as err:
         safe_load(text)
     assert err.value.problem_mark is not None and err.value.problem_mark.line + 1 == 9
-    assert [(d.path, d.first_line, d.line) for d in duplicate_keys(text)] == [(("b", "c"), 3, 4), (("a",), 1, 9)]
+    assert [(d.path, d.first_line, d.line) for d in err.value.duplicates] == [(("b", "c"), 3, 4), (("a",), 1, 9)]
     assert safe_load("base: &x {k: 1}\nd:\n  <<: *x\n  k: 2\n")["d"] == {"k": 2}  # YAML's own override stays
     assert yaml.safe_load(text)["a"] == 4  # what PyYAML does silently
+
+
+def test_keys_spelled_differently_but_equal_are_named(tmp_path: Path) -> None:
+    # yes/true (and 1/1.0) are one key once YAML reads them: every reader names it, never an empty list
+    with pytest.raises(DuplicateKeyError) as err:
+        safe_load("a:\n  yes: 1\n  true: 2\nb: {1: x, 1.0: y}\n")
+    assert [d.describe() for d in err.value.duplicates] == [
+        "'a.true' is given twice (lines 2 and 3; 'yes' and 'true' both read as True); YAML would keep only the last",
+        "'b.1.0' is given twice (lines 4 and 4; '1' and '1.0' both read as 1); YAML would keep only the last"]
+    config = tmp_path / "c.yaml"
+    config.write_text("trainer:\n  yes: 1\n  true: 2\n")
+    with pytest.raises(LaunchError, match=r"c\.yaml: 'trainer\.true' is given twice \(lines 2 and 3; 'yes' and 'true'"):
+        read_yaml_file(config, "TerraTorch config")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE, sort_keys=False) + "yes: 1\ntrue: 2\n")
+    with pytest.raises(RecipeError) as rerr:
+        load_recipe(recipe)
+    assert rerr.value.paths() == ["true"]
+    assert "is given twice (first at line 12, 'yes' and 'true' both read as True)" in str(rerr.value)
 
 
 def test_safe_load_never_builds_objects() -> None:

@@ -232,7 +232,7 @@ def recipe_from_dict(data: Any, *, lines: LineMap | None = None, source: str | N
 
 def read_recipe_data(path: str | Path) -> tuple[dict[str, Any], LineMap]:
     """Parse a recipe file into plain data plus its line map (YAML errors become a RecipeError)."""
-    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, duplicate_keys, read_text, safe_load
+    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, read_text, safe_load
 
     path = Path(path)
     if not path.exists():
@@ -248,12 +248,13 @@ def read_recipe_data(path: str | Path) -> tuple[dict[str, Any], LineMap]:
                           str(path)) from None
     try:
         data = safe_load(text)
-    except DuplicateKeyError:
+    except DuplicateKeyError as err:
         # every duplicate at once, each at its own path and line (the last would silently win in plain YAML)
-        raise RecipeError([RecipeIssue(d.path, f"is given twice (first at line {d.first_line}); YAML would "
-                                       "silently keep only the last", has_value=False, line=d.line, source=str(path),
+        raise RecipeError([RecipeIssue(d.path, f"is given twice (first at line {d.first_line}"
+                                       f"{', ' + d.note if d.note else ''}); YAML would silently keep only the last",
+                                       has_value=False, line=d.line, source=str(path),
                                        fix="keep one of them (merge the two sections into one)")
-                           for d in duplicate_keys(text)], str(path)) from None
+                           for d in err.duplicates], str(path)) from None
     except yaml.YAMLError as err:
         raise RecipeError([yaml_syntax_issue(err, path)], str(path)) from None
     if data is None:
@@ -300,7 +301,7 @@ def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
         LaunchError: one line naming the file and why it cannot be read: missing, a directory or a binary, not
             YAML, a key given twice (the last would silently win), or not a mapping.
     """
-    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, duplicate_keys, read_text, safe_load
+    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, read_text, safe_load
     from encdec.launcher.recipe.errors import LaunchError
 
     try:
@@ -308,8 +309,8 @@ def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
         data = safe_load(text)
     except (FileNotFoundError, NotTextError) as err:
         raise LaunchError(str(err)) from None
-    except DuplicateKeyError:
-        dups = "; ".join(d.describe() for d in duplicate_keys(text))
+    except DuplicateKeyError as err:
+        dups = "; ".join(d.describe() for d in err.duplicates)
         raise LaunchError(f"{what} {path}: {dups}; keep one of each") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
