@@ -12,8 +12,8 @@ from encdec.config.yaml_load import DuplicateKeyError, NotTextError, read_text, 
 from encdec.launcher.cli import _normalise_argv, build_parser
 from encdec.launcher.commands.launch import load_for_run, open_run_dir
 from encdec.launcher.ray import ray_auth
-from encdec.launcher.recipe.errors import LaunchError, RecipeError
-from encdec.launcher.recipe.validate import load_recipe, read_yaml_file
+from encdec.launcher.recipe.errors import RecipeError
+from encdec.launcher.recipe.validate import load_recipe
 
 RECIPE = {
     "task": "segmentation",
@@ -40,10 +40,6 @@ def test_keys_spelled_differently_but_equal_are_named(tmp_path: Path) -> None:
     assert [d.describe() for d in err.value.duplicates] == [
         "'a.true' is given twice (lines 2 and 3; 'yes' and 'true' both read as True); YAML would keep only the last",
         "'b.1.0' is given twice (lines 4 and 4; '1' and '1.0' both read as 1); YAML would keep only the last"]
-    config = tmp_path / "c.yaml"
-    config.write_text("trainer:\n  yes: 1\n  true: 2\n")
-    with pytest.raises(LaunchError, match=r"c\.yaml: 'trainer\.true' is given twice \(lines 2 and 3; 'yes' and 'true'"):
-        read_yaml_file(config, "TerraTorch config")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE, sort_keys=False) + "yes: 1\ntrue: 2\n")
     with pytest.raises(RecipeError) as rerr:

@@ -284,19 +284,12 @@ def _convert_optim(opt: Any, sched: Any) -> tuple[dict[str, Any], list[str]]:
 def _load_yaml(text: str) -> tuple[Any, list[tuple[int, str]]]:
     """``yaml.safe_load`` (the last of duplicate keys wins, as in TerraTorch's jsonargparse) that also returns the
     duplicates as ``(line, key)``: the official multicrop config sets ``backbone_pretrained`` twice."""
-    duplicates: list[tuple[int, str]] = []
+    from encdec.config.yaml_load import DuplicateKeyError, safe_load
 
-    class Loader(yaml.SafeLoader):
-        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-            seen: set[Any] = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
-                if key in seen:
-                    duplicates.append((key_node.start_mark.line + 1, str(key)))
-                seen.add(key)
-            return super().construct_mapping(node, deep=deep)
-
-    return yaml.load(text, Loader=Loader) or {}, duplicates  # a SafeLoader: builds no Python objects
+    try:
+        return safe_load(text) or {}, []
+    except DuplicateKeyError as err:  # the same checker as recipes', then read as TerraTorch reads it
+        return yaml.safe_load(text) or {}, [(d.line, str(d.path[-1])) for d in err.duplicates]
 
 
 def convert_command(args: argparse.Namespace) -> int:
@@ -317,7 +310,7 @@ def convert_command(args: argparse.Namespace) -> int:
         raise LaunchError(str(err)) from None
     try:
         config, duplicates = _load_yaml(text)
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
         raise LaunchError(f"{path} is not a YAML file ({type(err).__name__}: {str(err).splitlines()[0]}); give the "
                           "TerraTorch (LightningCLI) config YAML") from err
     if not isinstance(config, Mapping):

@@ -25,7 +25,7 @@ from encdec.launcher.recipe.errors import (
 )
 from encdec.launcher.recipe.schema import Recipe
 
-__all__ = ["cross_checks", "field_at", "load_recipe", "read_recipe_data", "read_yaml_file", "recipe_from_dict"]
+__all__ = ["cross_checks", "field_at", "load_recipe", "read_recipe_data", "recipe_from_dict"]
 
 
 # --------------------------------------------------------------------------------------------- cross-field rules
@@ -292,33 +292,3 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), *, flags: Mappi
     if issues:
         raise RecipeError(issues, str(path))
     return recipe
-
-
-def read_yaml_file(path: str | Path, what: str) -> dict[str, Any]:
-    """A user's YAML file that must hold a mapping (a TerraTorch config, a cluster file), read safely.
-
-    Raises:
-        LaunchError: one line naming the file and why it cannot be read: missing, a directory or a binary, not
-            YAML, a key given twice (the last would silently win), or not a mapping.
-    """
-    from encdec.config.yaml_load import DuplicateKeyError, NotTextError, read_text, safe_load
-    from encdec.launcher.recipe.errors import LaunchError
-
-    try:
-        text = read_text(path, what)
-        data = safe_load(text)
-    except (FileNotFoundError, NotTextError) as err:
-        raise LaunchError(str(err)) from None
-    except DuplicateKeyError as err:
-        dups = "; ".join(d.describe() for d in err.duplicates)
-        raise LaunchError(f"{what} {path}: {dups}; keep one of each") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise LaunchError(f"{what} {path} is not valid YAML{where}: {getattr(err, 'problem', None) or err}") from None
-    if data is None:
-        raise LaunchError(f"{what} {path} is empty")
-    if not isinstance(data, dict):
-        raise LaunchError(f"{what} {path} does not hold a YAML mapping (it reads as {type(data).__name__}: "
-                          f"{str(data)[:60]!r}); give the .yaml file")
-    return data
