@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import os
 import pathlib
 import pickle
 from typing import Any, ClassVar
@@ -117,13 +118,35 @@ def load_dcp_metadata(stream: io.BufferedIOBase | Any, where: str = ".metadata")
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """DCP's file reader with ``.metadata`` read by :func:`load_dcp_metadata`."""
+    """DCP's file reader with ``.metadata`` read by :func:`load_dcp_metadata`.
+
+    Args:
+        path: the DCP checkpoint directory.
+        metadata: the checkpoint's global ``.metadata`` when the caller has already read it with
+            :func:`load_dcp_metadata` (so that a refusal gives its own error before DCP wraps it); it is then
+            returned by ``read_metadata`` instead of being read and unpickled a second time.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, metadata: dcp_metadata.Metadata | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self._given_metadata = metadata
+
+    def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
+        """See ``FileSystemReader.reset``; pointed at another checkpoint, the handed-in metadata no longer holds."""
+        if checkpoint_id:
+            self._given_metadata = None
+        super().reset(checkpoint_id)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> dcp_metadata.Metadata:
         rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as f:
-            meta = load_dcp_metadata(f, str(path))
+        if rank is None and self._given_metadata is not None:
+            meta = self._given_metadata
+        else:  # no pre-read, or DCP's fallback to a rank-local __<rank>.metadata
+            path = self._get_metadata_path(rank)
+            with self.fs.create_stream(path, "rb") as f:
+                meta = load_dcp_metadata(f, str(path))
+        # what FileSystemReader.read_metadata does after its own pickle.load
         storage_meta = getattr(meta, "storage_meta", None) or dcp_metadata.StorageMeta()
         storage_meta.load_id = self.load_id
         meta.storage_meta = storage_meta

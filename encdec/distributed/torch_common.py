@@ -178,17 +178,22 @@ class TorchStrategy(Strategy):
         # fixed tables (Prithvi's pos_embed) are not read: round-1 checkpoints lack them, the model recomputes them
         fixed = {k: model_sd.pop(k) for k in recomputed_state_keys(self.module) if k in model_sd}
         state: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        state_dir = Path(ckpt_dir) / "state"
         try:
-            with open(Path(ckpt_dir) / "state" / ".metadata", "rb") as f:  # refused here with a clear message
-                load_dcp_metadata(f, str(Path(ckpt_dir) / "state" / ".metadata"))
+            with open(state_dir / ".metadata", "rb") as f:  # refused here with a clear message
+                dcp_meta = load_dcp_metadata(f, str(state_dir / ".metadata"))
             with _one_process():
                 # DCP's own reader unpickles .metadata and byte items with plain pickle: a shared run directory
-                # must not run code, so both go through restricted unpicklers (dcp_safe)
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(Path(ckpt_dir) / "state")),
+                # must not run code, so both go through restricted unpicklers (dcp_safe); the reader is handed
+                # the metadata read above rather than unpickling the file a second time
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(state_dir), metadata=dcp_meta),
                          planner=SafeDcpLoadPlanner())
         except (UnsafeGlobalError, pickle.UnpicklingError, OSError) as e:
             raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} was refused: {e}") from None
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            refused = _refusal(e)  # a byte item refused inside DCP (SafeDcpLoadPlanner), wrapped by it
+            if refused is not None:
+                raise CheckpointError(f"checkpoint {str(ckpt_dir)!r} was refused: {refused}") from None
             raise CheckpointError(
                 f"checkpoint {str(ckpt_dir)!r} does not fit this model/optimizer (adapter_only={adapter_only}): {e}"
             ) from e
@@ -221,6 +226,19 @@ def _one_process() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
+
+
+def _refusal(exc: BaseException) -> BaseException | None:
+    """The restricted unpicklers' refusal (``UnsafeGlobalError`` / ``UnpicklingError``) inside DCP's
+    ``CheckpointException``, whose ``failures`` maps each failed rank to ``(exception, traceback summary)``."""
+    failures = getattr(exc, "failures", None)
+    if not isinstance(failures, Mapping):
+        return None
+    for failure in failures.values():
+        err = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(err, pickle.UnpicklingError):  # UnsafeGlobalError is one
+            return err
+    return None
 
 
 def _plain(t: Any) -> Any:

@@ -99,3 +99,58 @@ def test_not_a_metadata_file_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a pickle at all")
     with bad.open("rb") as f, pytest.raises(pickle.UnpicklingError, match="not a DCP metadata file"):
         load_dcp_metadata(f, str(bad))
+
+
+def _strategy(seed: int):
+    from encdec.distributed import make_strategy
+    from encdec.train.optim import build_optimizer
+
+    torch.manual_seed(seed)
+    s = make_strategy("none", optimizer_factory=build_optimizer)
+    s.setup(torch.nn.Linear(3, 2), {"name": "adamw", "lr": 1e-3}, precision="fp32", grad_accum=1,
+            activation_checkpointing=False)
+    return s
+
+
+def test_strategy_load_reads_metadata_once(tmp_path: Path, monkeypatch) -> None:
+    from encdec.distributed import dcp_safe
+
+    old = _strategy(0)
+    old.save(tmp_path / "step_1", {"step": 1})
+    calls = []
+    real = dcp_safe._MetadataUnpickler.load
+
+    def counted(self):
+        calls.append(1)
+        return real(self)
+
+    monkeypatch.setattr(dcp_safe._MetadataUnpickler, "load", counted)
+    new = _strategy(1)
+    assert new.load(tmp_path / "step_1")["step"] == 1
+    assert len(calls) == 1  # the pre-read; the reader is handed its result
+    assert torch.equal(new.module.weight, old.module.weight)
+
+
+def test_strategy_load_refuses_a_crafted_byte_item_as_refused(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from encdec.distributed.ckpt_io import CheckpointError
+
+    old = _strategy(0)
+    old.save(tmp_path / "step_1", {"step": 1})
+    model_sd, optim_sd = get_state_dict(old.module, old.optimizer)
+    optim_sd["param_groups"][0]["lr"] = _Evil()  # a byte item; .metadata itself stays plain data
+    state_dir = tmp_path / "step_1" / "state"
+    shutil.rmtree(state_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir), no_dist=True)
+    with (state_dir / ".metadata").open("rb") as f:
+        load_dcp_metadata(f)  # the metadata passes: the refusal comes from the byte item
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=r"was refused: .*(posix|os)\.system") as info:
+        _strategy(1).load(tmp_path / "step_1")
+    assert "does not fit" not in str(info.value)
+    assert not (tmp_path / "PWNED").exists()
